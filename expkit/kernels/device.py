@@ -1,0 +1,64 @@
+"""Device resolution and array movement, the one place that knows about CUDA."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from .._settings import settings
+
+_warned = False
+
+
+def resolve_device(use_gpu: bool | str | None = None) -> torch.device:
+    """Return the torch device a kernel should run on.
+
+    ``use_gpu=True`` asks for CUDA and falls back to the CPU with one warning when it is absent.
+    ``use_gpu=None`` follows ``settings.device`` ("auto" means CPU unless asked). A string is a device name.
+    """
+    global _warned
+    if isinstance(use_gpu, str):
+        want = use_gpu
+    elif use_gpu is None:
+        want = "cuda" if settings.device == "cuda" else "cpu"
+    else:
+        want = "cuda" if use_gpu else ("cpu" if settings.device != "cuda" else "cuda")
+    if want.startswith("cuda"):
+        if torch.cuda.is_available():
+            return torch.device(want)
+        if not _warned:
+            warnings.warn("CUDA was asked for but is not available: running on the CPU.", RuntimeWarning,
+                          stacklevel=3)
+            _warned = True
+        return torch.device("cpu")
+    return torch.device("cpu")
+
+
+def as_tensor(x, device: torch.device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Dense tensor on ``device`` from a numpy array, a scipy sparse matrix or a tensor."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=dtype)
+    if sp.issparse(x):
+        x = x.toarray()
+    return torch.as_tensor(np.asarray(x), dtype=dtype).to(device)
+
+
+def sparse_as_tensor(x, device: torch.device, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A torch sparse CSR tensor from a scipy sparse matrix (no densification)."""
+    x = sp.csr_matrix(x)
+    return torch.sparse_csr_tensor(
+        torch.as_tensor(x.indptr, dtype=torch.int64), torch.as_tensor(x.indices, dtype=torch.int64),
+        torch.as_tensor(x.data, dtype=dtype), size=x.shape).to(device)
+
+
+def to_numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().cpu().numpy()
+
+
+def seed_everything(seed: int | None) -> int:
+    """Seed torch (CPU and CUDA) and return the seed used (``settings.seed`` when None)."""
+    seed = settings.seed if seed is None else int(seed)
+    torch.manual_seed(seed)
+    return seed
