@@ -1,0 +1,15 @@
+"""The table of methods lifted onto every modality accessor.
+
+Each entry: method name on the accessor -> (``"module:function"``, modalities or None for all, kind).
+kind "sample": the function takes one AnnData and is called per sample (or on the integrated data when
+``run_on_samples=None``); kind "joint": the function takes ``{sample: AnnData}`` and returns
+``{sample: result}`` (methods that model several samples at once).
+Adding a method to the package is one line here; the dispatcher does the rest.
+"""
+from __future__ import annotations
+
+ALL = None
+SPATIAL = ("spatial-bin", "spatial-cell")
+
+METHODS: dict[str, tuple[str, tuple[str, ...] | None, str]] = {
+}
