@@ -17,13 +17,13 @@ ranked by the number of batches selecting them, then by their median within-batc
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
 from ..errors import InputError
-from .stats import mean_var
 
 
 def _local_fit(xs: torch.Tensor, ys: torch.Tensor, at: torch.Tensor, q: int,
@@ -136,37 +136,73 @@ def loess(x, y, *, span: float = 0.3, degree: int = 2, surface: str = "interpola
     return fit.cpu().numpy()
 
 
-def vst_variance(x, *, span: float = 0.3, surface: str = "interpolate",
-                 device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Seurat v3 standardised variance of each gene of a cells x genes count matrix (one batch).
+def _row_blocks(indptr: np.ndarray, max_nnz: int):
+    """Row ranges [r0, r1) holding about ``max_nnz`` stored values each."""
+    n = indptr.size - 1
+    r0 = 0
+    while r0 < n:
+        r1 = int(np.searchsorted(indptr, indptr[r0] + max_nnz, side="right")) - 1
+        r1 = min(max(r1, r0 + 1), n)
+        yield r0, r1
+        r0 = r1
 
-    Returns ``(mean, variance, standardised variance)``, all float64; genes with zero variance get a
-    standardised variance of 0.
+
+def vst_variance(x, *, groups: np.ndarray | None = None, span: float = 0.3, surface: str = "interpolate",
+                 device: torch.device | None = None, block_nnz: int = 1 << 20
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seurat v3 standardised variance of each gene, per group of cells, of a cells x genes count matrix.
+
+    ``groups``: an integer code 0..B-1 per cell (None: one group). Returns ``(mean, variance,
+    standardised variance)`` as B x genes float64 arrays (variance with ddof=1); genes constant within a
+    group get a standardised variance of 0 there. All groups are summed in the same passes over the
+    stored values (four passes, in row blocks of ``block_nnz`` values, so temporaries stay small):
+    counts, means, centred sums of squares, then sums of squares of the clipped values.
     """
     device = device or torch.device("cpu")
     x = sp.csr_matrix(x) if not sp.issparse(x) else x.tocsr()
-    n = x.shape[0]
-    mean, var = mean_var(x, axis=0, ddof=1)
-    keep = var > 0
-    log_fit = np.zeros_like(mean)
-    if keep.sum() > 0:
-        log_fit[keep] = loess(np.log10(mean[keep]), np.log10(var[keep]), span=span, degree=2,
-                              surface=surface, device=device)
+    n_obs, n_genes = x.shape
+    codes = np.zeros(n_obs, dtype=np.int64) if groups is None else np.asarray(groups, dtype=np.int64)
+    n_groups = int(codes.max()) + 1 if n_obs else 1
+    n_b = np.bincount(codes, minlength=n_groups).astype(np.float64)
+    if np.any(n_b < 2):
+        raise InputError(f"seurat_v3 needs at least 2 cells per batch; batch sizes {n_b.astype(int).tolist()}")
+    size = n_groups * n_genes
+    blocks = list(_row_blocks(x.indptr, block_nnz))
+
+    def block(r0, r1):
+        lo, hi = x.indptr[r0], x.indptr[r1]
+        vals = torch.as_tensor(np.asarray(x.data[lo:hi], dtype=np.float64), device=device)
+        key = np.repeat(codes[r0:r1] * n_genes, np.diff(x.indptr[r0:r1 + 1])) + x.indices[lo:hi]
+        return vals, torch.as_tensor(key, dtype=torch.int64, device=device)
+
+    def scatter(fn):
+        acc = torch.zeros(size, dtype=torch.float64, device=device)
+        for r0, r1 in blocks:
+            vals, key = block(r0, r1)
+            acc.index_add_(0, key, fn(vals, key))
+        return acc
+
+    nb = torch.as_tensor(np.repeat(n_b, n_genes), device=device)
+    nnz = scatter(lambda v, k: torch.ones_like(v))
+    mean = scatter(lambda v, k: v) / nb
+    ss = scatter(lambda v, k: (v - mean[k]) ** 2) + (nb - nnz) * mean**2
+    var = ss / (nb - 1)
+    mean_np = mean.cpu().numpy().reshape(n_groups, n_genes)
+    var_np = var.cpu().numpy().reshape(n_groups, n_genes)
+    keep = var_np > 0
+    log_fit = np.zeros_like(mean_np)
+    for g in range(n_groups):  # one loess per batch
+        k = keep[g]
+        if k.any():
+            log_fit[g, k] = loess(np.log10(mean_np[g, k]), np.log10(var_np[g, k]), span=span, degree=2,
+                                  surface=surface, device=device)
     reg_std = np.sqrt(10.0**log_fit)
-    clip = mean + reg_std * math.sqrt(n)
+    clip = torch.as_tensor((mean_np + reg_std * np.sqrt(n_b)[:, None]).ravel(), device=device)
     # sum over cells of (min(x, clip) - mean)^2, the implicit zeros contributing mean^2 each
-    data = torch.as_tensor(np.asarray(x.data, dtype=np.float64), device=device)
-    col = torch.as_tensor(x.indices.astype(np.int64), device=device)
-    clip_t = torch.as_tensor(clip, device=device)
-    mean_t = torch.as_tensor(mean, device=device)
-    xc = torch.minimum(data, clip_t[col])
-    ss = torch.zeros(x.shape[1], dtype=torch.float64, device=device)
-    ss.index_add_(0, col, (xc - mean_t[col]) ** 2)
-    nnz = torch.bincount(col, minlength=x.shape[1]).to(torch.float64)
-    ss = ss + (n - nnz) * mean_t**2
-    norm_var = (ss.cpu().numpy() / ((n - 1) * reg_std**2))
+    ssc = scatter(lambda v, k: (torch.minimum(v, clip[k]) - mean[k]) ** 2) + (nb - nnz) * mean**2
+    norm_var = ssc.cpu().numpy().reshape(n_groups, n_genes) / ((n_b[:, None] - 1) * reg_std**2)
     norm_var[~keep] = 0.0
-    return mean, var, norm_var
+    return mean_np, var_np, norm_var
 
 
 def _rank_desc(v: np.ndarray) -> np.ndarray:
@@ -190,33 +226,25 @@ def seurat_v3(x, *, n_top_genes: int = 2000, batches: np.ndarray | None = None, 
     x = sp.csr_matrix(x) if not sp.issparse(x) else x.tocsr()
     n_genes = x.shape[1]
     n_top = min(int(n_top_genes), n_genes)
-    means, variances = mean_var(x, axis=0, ddof=1)
-    if batches is None:
-        groups = [np.arange(x.shape[0])]
-    else:
-        batches = np.asarray(batches)
-        _, codes = np.unique(batches, return_inverse=True)
-        groups = [np.flatnonzero(codes == b) for b in range(codes.max() + 1)]
-    norm_vars, ranks = [], []
-    for rows in groups:  # one pass per batch (a handful), never per gene
-        if rows.size < 2:
-            raise InputError(f"seurat_v3 needs at least 2 cells per batch; a batch has {rows.size}")
-        _, _, nv = vst_variance(x[rows] if len(groups) > 1 else x, span=span, surface=surface, device=device)
-        r = _rank_desc(nv).astype(np.float64)
-        r[r >= n_top] = np.nan
-        norm_vars.append(nv)
-        ranks.append(r)
-    ranks = np.vstack(ranks)
+    codes = None
+    if batches is not None:
+        _, codes = np.unique(np.asarray(batches), return_inverse=True)
+    means_b, vars_b, norm_vars = vst_variance(x, groups=codes, span=span, surface=surface, device=device)
+    # pooled over the batches (Chan, Golub & LeVeque): total SS = sum of within SS + between SS
+    n_b = np.bincount(codes, minlength=means_b.shape[0]).astype(np.float64)[:, None] if codes is not None \
+        else np.array([[float(x.shape[0])]])
+    means = (n_b * means_b).sum(0) / n_b.sum()
+    ss = ((n_b - 1) * vars_b + n_b * (means_b - means) ** 2).sum(0)
+    variances = ss / max(n_b.sum() - 1, 1)
+    ranks = np.vstack([_rank_desc(nv) for nv in norm_vars]).astype(np.float64)
+    ranks[ranks >= n_top] = np.nan
     nbatches = np.sum(~np.isnan(ranks), axis=0).astype(np.int64)
-    with np.errstate(all="ignore"):
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            median_rank = np.nanmedian(ranks, axis=0)
+    with warnings.catch_warnings():  # all-NaN columns (genes never in a top set) stay NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        median_rank = np.nanmedian(ranks, axis=0)
     key_rank = np.where(np.isnan(median_rank), np.inf, median_rank)
     order = np.lexsort((key_rank, -nbatches))  # last key is primary
     hvg = np.zeros(n_genes, dtype=bool)
     hvg[order[:n_top]] = True
-    return {"means": means, "vars": variances, "vars_norm": np.mean(np.vstack(norm_vars), axis=0),
+    return {"means": means, "vars": variances, "vars_norm": norm_vars.mean(axis=0),
             "rank": median_rank, "nbatches": nbatches, "hvg": hvg}

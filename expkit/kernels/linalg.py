@@ -10,9 +10,11 @@ Three solvers:
   the p x p covariance operator ``v -> Z^T (Z v) / (n - 1)``, the products running in torch on the
   device. Exact to machine precision for the leading ``k`` components at O(nnz) per product; the
   starting vector comes from ``seed``.
-- ``"full"``: the exact eigen-decomposition of the p x p covariance ``(D^T D - n mu mu^T) / (n - 1)``;
-  ``D^T D`` is accumulated over row blocks (a block of rows densified at a time), so memory is
-  O(p^2 + block x p). Exact and deterministic; best while p (the number of genes) is a few thousand.
+- ``"full"``: the p x p covariance ``(D^T D - n mu mu^T) / (n - 1)`` is formed exactly, ``D^T D``
+  accumulated over row blocks (a block of rows densified at a time: memory O(p^2 + block x p), dense
+  BLAS work), then eigen-decomposed: ``torch.linalg.eigh`` on CUDA or for p <= 1000, else ARPACK for the
+  leading k on the dense covariance (machine precision, much cheaper than a full eigh on the CPU).
+  Deterministic; the default while p (the number of genes) is at most 10,000.
 - ``"randomized"``: the randomized range finder with subspace (power) iterations of Halko, Martinsson &
   Tropp (2011, SIAM Review 53:217), with the implicit centring above. O(nnz x (k + oversampling)) per
   pass. The random test matrix is drawn on the CPU from ``seed`` so CPU and CUDA runs start alike.
@@ -20,6 +22,8 @@ Three solvers:
 Components are sign-fixed: each loading vector has its largest-magnitude entry positive.
 """
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import scipy.sparse as sp
@@ -69,8 +73,10 @@ class _Centered:
         if self.sparse:
             d = d.tocsr()
             self.d_host = d
-            self.d = sparse_as_tensor(d, device)
-            self.dt = sparse_as_tensor(d.T.tocsr(), device)
+            with warnings.catch_warnings():  # torch flags sparse CSR as beta on every construction
+                warnings.simplefilter("ignore", UserWarning)
+                self.d = sparse_as_tensor(d, device)
+                self.dt = sparse_as_tensor(d.T.tocsr(), device)
             data = np.asarray(d.data, dtype=np.float64)
             self.mu = torch.as_tensor(np.bincount(d.indices, weights=data, minlength=self.p) / self.n,
                                       device=device)

@@ -25,20 +25,17 @@ def qc_metrics(x, masks: dict[str, np.ndarray] | None = None) -> tuple[dict, dic
     """
     x = _csr(x)
     n_obs, n_var = x.shape
-    data = np.asarray(x.data, dtype=np.float64)
-    nz = data != 0
-    row = np.repeat(np.arange(n_obs), np.diff(x.indptr))
-    col = x.indices
-    n_counts = np.bincount(row, weights=data, minlength=n_obs)
-    n_genes = np.bincount(row[nz], minlength=n_obs).astype(np.int64)
-    obs = {"n_counts": n_counts, "n_genes": n_genes}
-    with np.errstate(invalid="ignore", divide="ignore"):
-        for name, mask in (masks or {}).items():
-            mask = np.asarray(mask, dtype=bool)
-            sub = np.bincount(row, weights=data * mask[col], minlength=n_obs)
-            obs[f"pct_{name}"] = np.where(n_counts > 0, 100.0 * sub / np.where(n_counts > 0, n_counts, 1), 0.0)
-    n_cells = np.bincount(col[nz], minlength=n_var).astype(np.int64)
-    total = np.bincount(col, weights=data, minlength=n_var)
+    if x.nnz and not np.all(x.data != 0):  # explicit zeros must not count as detected
+        x = x.copy()
+        x.eliminate_zeros()
+    # sparse mat-vec products accumulate in float64 (the vectors are float64)
+    n_counts = x @ np.ones(n_var)
+    obs = {"n_counts": n_counts, "n_genes": np.diff(x.indptr).astype(np.int64)}
+    for name, mask in (masks or {}).items():
+        sub = x @ np.asarray(mask, dtype=np.float64)
+        obs[f"pct_{name}"] = np.divide(100.0 * sub, n_counts, out=np.zeros(n_obs), where=n_counts > 0)
+    n_cells = np.bincount(x.indices, minlength=n_var).astype(np.int64)
+    total = x.T @ np.ones(n_obs)
     var = {"n_cells": n_cells, "total_counts": total, "mean_counts": total / max(n_obs, 1),
            "pct_dropout": 100.0 * (1.0 - n_cells / max(n_obs, 1))}
     return obs, var

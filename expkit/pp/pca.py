@@ -18,7 +18,7 @@ def _gene_mask(adata, use_hvg) -> np.ndarray:
         if use_hvg not in adata.var:
             raise KeyNotFoundError(f"scale_pca: var column {use_hvg!r} not found (run select_hvg first, or pass "
                                    "use_hvg=None to use every gene)")
-        return adata.var[use_hvg].fillna(False).to_numpy(dtype=bool)
+        return adata.var[use_hvg].eq(True).to_numpy()
     mask = np.asarray(use_hvg)
     if mask.dtype != bool or mask.shape != (adata.n_vars,):
         raise InputError("scale_pca: use_hvg must be a var column name, None, or a boolean mask over the genes")

@@ -35,7 +35,7 @@ def gene_flags(adata, taxa=None) -> dict[str, np.ndarray | None]:
     missing = []
     for name in _FLAGS:
         if name in adata.var:
-            flags[name] = adata.var[name].fillna(False).to_numpy(dtype=bool)
+            flags[name] = adata.var[name].eq(True).to_numpy()
         else:
             missing.append(name)
     if not missing:
@@ -64,8 +64,9 @@ def gene_flags(adata, taxa=None) -> dict[str, np.ndarray | None]:
         by_uid = pd.Series(adata.var_names).map(col)
         if "gene" in adata.var and "gene" in table:
             by_symbol = col.groupby(table["gene"].astype(str).to_numpy()).any()
-            by_uid = by_uid.fillna(pd.Series(adata.var["gene"].astype(str).to_numpy()).map(by_symbol))
-        flags[name] = by_uid.fillna(False).to_numpy(dtype=bool)
+            from_symbol = pd.Series(adata.var["gene"].astype(str).to_numpy()).map(by_symbol)
+            by_uid = by_uid.where(by_uid.notna(), from_symbol)
+        flags[name] = by_uid.eq(True).to_numpy()
     return flags
 
 
