@@ -260,9 +260,15 @@ def test_hvg_matches_scanpy(name, n_top, dlpfc_raw, xenium_raw, mob_raw):
 def test_hvg_batch_aware_matches_scanpy(merged_raw):
     r = ref("dlpfc_merged")
     a = D.to_anndata(*merged_raw)
-    pp.select_hvg(a, n_top_genes=2000, batch_key="batch")
+    # default order (Seurat: number of batches, then median rank) = scanpy flavor "seurat_v3_paper"
+    top = pp.select_hvg(a, n_top_genes=2000, batch_key="batch")
     hvg = a.var["vst.hvg"].to_numpy()
+    np.testing.assert_array_equal(hvg, r["hvg_mask_paper"])
     assert jaccard(hvg, r["hvg_mask"]) >= 0.95
+    assert top["vst.hvg.nbatches"].is_monotonic_decreasing
+    # median rank first = scanpy flavor "seurat_v3"
+    pp.select_hvg(a, n_top_genes=2000, batch_key="batch", batch_rank="median_rank", key_added="vst2")
+    np.testing.assert_array_equal(a.var["vst2.hvg"].to_numpy(), r["hvg_mask"])
     np.testing.assert_array_equal(a.var["vst.hvg.nbatches"], r["hvg_nbatches"])
     x = merged_raw[0].toarray().astype(np.float64)  # pooled mean / variance over both batches
     np.testing.assert_allclose(a.var["vst.means"], x.mean(0), rtol=1e-10)

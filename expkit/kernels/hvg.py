@@ -214,15 +214,20 @@ def _rank_desc(v: np.ndarray) -> np.ndarray:
 
 
 def seurat_v3(x, *, n_top_genes: int = 2000, batches: np.ndarray | None = None, span: float = 0.3,
-              surface: str = "interpolate", device: torch.device | None = None) -> dict[str, np.ndarray]:
+              surface: str = "interpolate", batch_rank: str = "nbatches",
+              device: torch.device | None = None) -> dict[str, np.ndarray]:
     """Seurat v3 highly variable genes of a cells x genes count matrix.
 
     ``batches``: a label per cell (None: one batch). Returns a dict of per-gene arrays: ``means``,
     ``vars`` (over all cells), ``vars_norm`` (mean over batches of the standardised variance),
     ``rank`` (median within-batch rank over the batches where the gene is in the top
     ``n_top_genes``; NaN for the others), ``nbatches`` (how many batches select it) and ``hvg`` (bool:
-    the top ``n_top_genes`` by ``nbatches`` descending then ``rank`` ascending).
+    the first ``n_top_genes``). ``batch_rank="nbatches"`` orders by ``nbatches`` descending then
+    ``rank`` ascending (Seurat v3 ``SelectIntegrationFeatures``; scanpy flavor "seurat_v3_paper");
+    ``"median_rank"`` by ``rank`` then ``nbatches`` (scanpy flavor "seurat_v3"). Ties keep gene order.
     """
+    if batch_rank not in ("nbatches", "median_rank"):
+        raise InputError(f"batch_rank must be 'nbatches' or 'median_rank', not {batch_rank!r}")
     x = sp.csr_matrix(x) if not sp.issparse(x) else x.tocsr()
     n_genes = x.shape[1]
     n_top = min(int(n_top_genes), n_genes)
@@ -243,7 +248,8 @@ def seurat_v3(x, *, n_top_genes: int = 2000, batches: np.ndarray | None = None, 
         warnings.simplefilter("ignore", RuntimeWarning)
         median_rank = np.nanmedian(ranks, axis=0)
     key_rank = np.where(np.isnan(median_rank), np.inf, median_rank)
-    order = np.lexsort((key_rank, -nbatches))  # last key is primary
+    keys = (key_rank, -nbatches) if batch_rank == "nbatches" else (-nbatches, key_rank)
+    order = np.lexsort(keys)  # stable; the last key is the primary one
     hvg = np.zeros(n_genes, dtype=bool)
     hvg[order[:n_top]] = True
     return {"means": means, "vars": variances, "vars_norm": norm_vars.mean(axis=0),

@@ -10,7 +10,8 @@ as the tests (tests/_pp_data.py) and writes tests/data/scanpy_ref/<dataset>.npz:
 - ``norm_*``: normalize_total (median target) + log1p on a fixed random sample of stored entries, the
   target sum and the row sums of the log-normalised matrix on 1000 sampled rows;
 - ``hvg_*``: highly_variable_genes(flavor="seurat_v3", n_top_genes=2000 (Xenium: 100), layer="counts"),
-  batch-aware (batch_key="batch") on the two DLPFC sections merged on their common genes;
+  batch-aware (batch_key="batch") on the two DLPFC sections merged on their common genes, where
+  ``hvg_mask_paper`` is flavor="seurat_v3_paper" (batches first, then median rank);
 - ``pca_*``: on scanpy's own HVGs of the log-normalised data, pp.scale(max_value=10) then
   pp.pca(n_comps=50, svd_solver="arpack"): variance, variance ratio and the first 10 loadings (float32);
 - ``qc_*`` (MOB): calculate_qc_metrics with the ribosomal protein genes as qc_vars (the table holds no
@@ -62,6 +63,10 @@ def _hvg_refs(a, n_top: int, batch_key: str | None = None) -> dict:
            "hvg_n_top": np.int64(n_top)}
     if batch_key is not None:
         out["hvg_nbatches"] = b.var["highly_variable_nbatches"].to_numpy(np.int64)
+        c = a.copy()  # Seurat's own batch order: number of batches first, then median rank
+        sc.pp.highly_variable_genes(c, flavor="seurat_v3_paper", n_top_genes=n_top, layer="counts",
+                                    batch_key=batch_key)
+        out["hvg_mask_paper"] = c.var["highly_variable"].to_numpy(bool)
     return out
 
 
