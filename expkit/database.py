@@ -49,16 +49,19 @@ def _candidates() -> list[Path]:
     paths = []
     if os.environ.get("EXPKIT_DATABASE"):
         paths.append(Path(os.environ["EXPKIT_DATABASE"]))
-    paths.append(here / "database_files")  # installed wheel: package-dir expkit.database_files
-    paths.append(here.parent / "database")  # source or editable checkout
+    # installed package: expkit/database_files, a committed symlink to ../database that setuptools
+    # follows when building the sdist/wheel (package-data "database_files/**/*")
+    paths.append(here / "database_files")
+    paths.append(here.parent / "database")  # source or editable checkout (or a checkout without symlinks)
     return paths
 
 
 def database_dir() -> Path:
     """The folder holding ``<taxa>/genes.tsv.gz``.
 
-    Tried in order: ``$EXPKIT_DATABASE``, ``expkit/database_files`` (installed package) and
-    ``<checkout>/database`` (source or editable checkout).
+    Tried in order: ``$EXPKIT_DATABASE``, ``expkit/database_files`` (installed package; in a
+    checkout a symlink to ``database/``) and ``<checkout>/database`` (source or editable checkout).
+    The first holding ``hsa/genes.tsv.gz`` is returned, resolved.
 
     Raises
     ------
@@ -68,7 +71,7 @@ def database_dir() -> Path:
     tried = _candidates()
     for path in tried:
         if (path / "hsa" / "genes.tsv.gz").is_file():
-            return path
+            return path.resolve()
     raise FormatError("gene database not found; looked in " + ", ".join(str(p) for p in tried)
                       + " (run `python database/build.py`)")
 

@@ -272,7 +272,15 @@ def test_data_location(monkeypatch, tmp_path):
     assert db.database_dir() == ROOT / "database"  # empty override folder is skipped
     (tmp_path / "hsa").mkdir()
     (tmp_path / "hsa" / "genes.tsv.gz").write_bytes(b"")
-    assert db.database_dir() == tmp_path
+    assert db.database_dir() == tmp_path.resolve()
+
+
+def test_installed_layout_is_the_same_files():
+    # expkit/database_files is what a wheel ships (package-data); in a checkout it links to database/
+    link = ROOT / "expkit" / "database_files"
+    if not (link / "hsa" / "genes.tsv.gz").is_file():
+        pytest.skip("expkit/database_files is not a working symlink in this checkout")
+    assert link.resolve() == (ROOT / "database").resolve()
 
 
 def test_committed_files_are_small():
