@@ -209,8 +209,9 @@ def lookup(names: str | Iterable[str], taxa: str) -> np.ndarray:
     if isinstance(names, str):
         names = [names]
     s = pd.Series(list(names), dtype=object)
-    valid = s.map(lambda v: isinstance(v, str) and v != "")
+    valid = s.notna()
     s = s.where(valid, "").astype(str)
+    valid &= s != ""
     index = t.genes.index
     out = np.where(s.isin(index).to_numpy(), s.to_numpy(dtype=object), None)
     todo = valid.to_numpy() & pd.isna(out)
@@ -264,7 +265,8 @@ def annotate(adata, taxa: str, *, sample: str | None = None) -> dict:
     each next one gets the first free suffix ``.1``, ``.2`` ... (names already present are never
     renamed to make room). ``var`` gets ``gene`` (symbol; the original name for unmapped
     features), ``chromosome``, ``start``, ``end``, ``strand``, ``biotype``, ``mito``, ``ribo``,
-    ``db.mapped`` and ``db.feature`` (the original var name); existing columns are kept.
+    ``db.mapped`` and ``db.feature`` (the original var name, kept from a previous call); existing
+    columns are kept. Annotating twice gives the same var names.
     ``uns['db']`` records the parameters and counts. One log line reports the mapping rate.
 
     Parameters
@@ -274,7 +276,7 @@ def annotate(adata, taxa: str, *, sample: str | None = None) -> dict:
     taxa
         ``"hsa"`` or ``"mmu"``.
     sample
-        The sample name used in the log line.
+        The sample name used in the log line (default: the single value of ``obs['sample']``).
 
     Returns
     -------
@@ -291,8 +293,8 @@ def annotate(adata, taxa: str, *, sample: str | None = None) -> dict:
     query = original
     if "gene_ids" in var.columns:
         ids = pd.Series(var["gene_ids"].to_numpy(), dtype=object)
-        ok = ids.map(lambda v: isinstance(v, str) and v != "")
-        query = ids.where(ok, original)
+        ok = ids.notna() & (ids.astype(str) != "")
+        query = ids.where(ok, original).astype(str)
     uids = pd.Series(lookup(query.tolist(), taxa), dtype=object)
     retry = uids.isna() & (query != original)
     if retry.any():
@@ -312,13 +314,19 @@ def annotate(adata, taxa: str, *, sample: str | None = None) -> dict:
     new["mito"] = g["mito"].eq(True).to_numpy(dtype=bool)
     new["ribo"] = g["ribo"].eq(True).to_numpy(dtype=bool)
     new[f"{KEY}.mapped"] = mapped
-    new[f"{KEY}.feature"] = original.to_numpy()
+    if f"{KEY}.feature" in var.columns:  # annotated before: keep the first original names
+        new[f"{KEY}.feature"] = var[f"{KEY}.feature"].astype(str).to_numpy()
+    else:
+        new[f"{KEY}.feature"] = original.to_numpy()
     keep = [c for c in var.columns if c not in new.columns]
     adata.var = pd.concat([var[keep].set_axis(new.index, axis=0), new], axis=1)
 
     n = len(names)
     n_mapped = int(mapped.sum())
     unmapped = original[~mapped].tolist()
+    if sample is None and "sample" in adata.obs.columns:
+        values = pd.unique(adata.obs["sample"].astype(str))
+        sample = values[0] if len(values) == 1 else None
     prefix = f"sample {sample}: " if sample is not None else ""
     msg = f"{prefix}{n_mapped} of {n} features mapped to {taxa} {RELEASE}"
     if unmapped:

@@ -224,6 +224,7 @@ def test_annotate_symbols_and_roundtrip(shared_data, tmp_path):
     pd.testing.assert_frame_equal(back.var, adata.var, check_categorical=False)
     again = db.annotate(back, "hsa")  # annotating twice changes nothing
     assert again["n_mapped"] == 4990 and (back.var_names == adata.var_names).all()
+    pd.testing.assert_frame_equal(back.var, adata.var, check_categorical=False)
 
 
 @pytest.mark.filterwarnings("ignore:Variable names are not unique")
