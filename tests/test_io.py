@@ -598,3 +598,59 @@ def test_read_sample_detection_and_errors(data, tmp_path):
     assert eio.read_sample(h5, modality="rna", sample="m", reader="10x_h5").shape == (3639, 5000)
     with pytest.raises(ReaderError, match="needs spatial coordinates"):
         eio.read_sample(h5, modality="spatial-bin", sample="m", reader="10x_h5")
+
+
+def test_read_10x_h5_v2_layout(tmp_path):
+    import h5py
+
+    X = sp.csc_matrix(np.array([[1, 0, 2], [0, 3, 0]], dtype=np.int32))  # 2 genes x 3 cells
+    path = tmp_path / "v2.h5"
+    with h5py.File(path, "w") as fh:
+        g = fh.create_group("mm10")
+        g["data"], g["indices"], g["indptr"] = X.data, X.indices, X.indptr
+        g["shape"] = np.array(X.shape, np.int32)
+        g["barcodes"] = np.array([b"A-1", b"B-1", b"C-1"])
+        g["genes"] = np.array([b"ENSMUSG01", b"ENSMUSG02"])
+        g["gene_names"] = np.array([b"Actb", b"Gapdh"])
+    a = eio.read_10x_h5(path, sample="v2")
+    _check_conventions(a)
+    assert list(a.var_names) == ["ENSMUSG01", "ENSMUSG02"]
+    assert list(a.var["gene_symbols"]) == ["Actb", "Gapdh"]
+    np.testing.assert_array_equal(_dense(a.X), X.T.toarray())
+
+
+def test_read_visium_mtx_matrix_folder(visium_copy):
+    ref = eio.read_visium(visium_copy, sample="s")
+    folder = visium_copy / "filtered_feature_bc_matrix"
+    folder.mkdir()
+    with gzip.open(folder / "matrix.mtx.gz", "wb") as fh:
+        scipy.io.mmwrite(fh, sp.coo_matrix(ref.X.T))
+    with gzip.open(folder / "features.tsv.gz", "wt") as fh:
+        for i, s in zip(ref.var["gene_ids"], ref.var["gene_symbols"]):
+            fh.write(f"{i}\t{s}\tGene Expression\n")
+    with gzip.open(folder / "barcodes.tsv.gz", "wt") as fh:
+        fh.write("\n".join(ref.obs_names) + "\n")
+    (visium_copy / "filtered_feature_bc_matrix.h5").unlink()
+    a = eio.read_visium(visium_copy, sample="s")
+    assert (a.X != ref.X).nnz == 0
+    np.testing.assert_array_equal(a.obsm["spatial"], ref.obsm["spatial"])
+
+
+def test_read_h5ad_not_anndata(tmp_path):
+    import h5py
+
+    with h5py.File(tmp_path / "other.h5ad", "w") as fh:
+        fh["x"] = np.arange(3)
+    with pytest.raises(ReaderError, match="other.h5ad"):
+        eio.read_h5ad(tmp_path / "other.h5ad", sample="s")
+
+
+def test_import_expkit_io_is_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, expkit.io; "
+            "print(any(m in sys.modules for m in ('torch', 'matplotlib', 'anndata', 'h5py')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "False"

@@ -99,10 +99,7 @@ def open_h5(path: Path, sample: str | None):
     import h5py
 
     path = require_file(path, sample, "HDF5 file")
-    try:
-        fh = h5py.File(path, "r")
-    except OSError as exc:
-        raise fail(sample, path, f"is not a readable HDF5 file (corrupt or truncated?): {exc}") from exc
+    fh = open_h5_file(path, sample)
     try:
         yield fh
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
@@ -111,6 +108,26 @@ def open_h5(path: Path, sample: str | None):
         raise fail(sample, path, f"HDF5 content cannot be read (corrupt or truncated?): {exc}") from exc
     finally:
         fh.close()
+
+
+def open_h5_file(path: Path, sample: str | None):
+    """``h5py.File(path, "r")``; retried without HDF5 file locking where the file system refuses
+    locks (read-only mounts); other failures become a ReaderError."""
+    import os
+
+    import h5py
+
+    if not os.access(path, os.R_OK):
+        raise fail(sample, path, "is not readable (permission denied)")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        if "lock" in str(exc).lower():
+            try:
+                return h5py.File(path, "r", locking=False)
+            except (OSError, TypeError):
+                pass
+        raise fail(sample, path, f"is not a readable HDF5 file (corrupt or truncated?): {exc}") from exc
 
 
 def check_unique(names: Sequence[str] | np.ndarray, what: str, sample: str | None,

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from ._checks import check_finite, check_unique, fail, require_file
+from ._checks import check_finite, check_unique, fail, open_h5_file, require_file
 
 __all__ = ["read_h5ad"]
 
@@ -36,10 +36,14 @@ def read_h5ad(path, *, sample: str | None = None):
     import anndata as ad
 
     path = require_file(path, sample, "h5ad file")
+    open_h5_file(path, sample).close()  # a corrupt/truncated/unreadable HDF5 file: ReaderError here
     try:
         adata = ad.read_h5ad(path)  # mode "r": h5py opens the file read-only
-    except Exception as exc:  # h5py OSError, anndata's AnnDataReadError/KeyError on a broken file
-        raise fail(sample, path, f"is not a readable h5ad file (corrupt or truncated?): {exc}") from exc
+    except Exception as exc:  # anndata's read errors, KeyError on a file that is not an AnnData
+        raise fail(sample, path, f"is not a readable h5ad file (corrupt, truncated or not an "
+                                 f"AnnData?): {exc}") from exc
+    if not isinstance(adata, ad.AnnData):
+        raise fail(sample, path, f"holds a {type(adata).__name__}, not an AnnData")
     if adata.X is None:
         raise fail(sample, path, "has no X matrix")
     check_unique(adata.obs_names, "observation names", sample, path)

@@ -230,7 +230,8 @@ def read_table(counts, *, coords=None, metadata=None, orientation: str = "auto",
         ``"auto"`` (default): the axis whose names match the coordinate table's identifiers, else the
         axis whose names look like barcodes; or ``"genes x spots"`` / ``"spots x genes"``.
     sep
-        Field separator; default sniffed from the first line (tab, comma, else whitespace).
+        Field separator of the count table; default sniffed from its first line (tab, comma, else
+        whitespace). The coordinate/metadata tables are always sniffed.
     x, y
         Coordinate column names. With the defaults, common aliases are tried too (``sdimx``/``sdimy``,
         ``x_centroid``/``y_centroid``, ``pxl_col_in_fullres``/``pxl_row_in_fullres``, ``imagecol``/
