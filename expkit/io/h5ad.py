@@ -1,8 +1,6 @@
 """An existing ``.h5ad`` file, read read-only and checked."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import scipy.sparse as sp
 

@@ -187,16 +187,6 @@ def _read_side_table(path: Path, sep, sample, what: str, index: str | None) -> p
     return df
 
 
-def _pick(columns, wanted: str, aliases, default: str) -> str | None:
-    cols = [str(c) for c in columns]
-    if wanted != default:
-        return wanted if wanted in cols else None
-    for a in (wanted, *aliases):
-        if a in cols:
-            return a
-    return None
-
-
 def _looks_like_spots(labels) -> float:
     labels = [str(v) for v in labels[:500]]
     if not labels:
