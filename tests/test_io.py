@@ -636,6 +636,7 @@ def test_read_visium_mtx_matrix_folder(visium_copy):
     np.testing.assert_array_equal(a.obsm["spatial"], ref.obsm["spatial"])
 
 
+@pytest.mark.filterwarnings("ignore:Element .* without encoding metadata")
 def test_read_h5ad_not_anndata(tmp_path):
     import h5py
 
@@ -654,3 +655,27 @@ def test_import_expkit_io_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False"
+
+
+def test_read_visium_parquet_positions(visium_copy):
+    pytest.importorskip("pyarrow")
+    pos = _positions(visium_copy)
+    pos.columns = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres",
+                   "pxl_col_in_fullres"]
+    (visium_copy / "spatial" / "tissue_positions_list.csv").unlink()
+    pos.to_parquet(visium_copy / "spatial" / "tissue_positions.parquet")
+    a = eio.read_visium(visium_copy, sample="s")
+    i = a.obs_names.get_loc("AAACAAGTATCTCCCA-1")
+    np.testing.assert_array_equal(a.obsm["spatial"][i], [9811.0, 8513.0])
+
+
+def test_results_write_to_h5ad(data, tmp_path):
+    """What the readers return can be stored by the Experiment (h5ad round trip)."""
+    import anndata as ad
+
+    for loc, sel in (("dlpfc/151673", None), ("giotto/Visium_multisample_prostate", "list_ID=NP")):
+        a = eio.read_sample(data / loc, modality="spatial-bin", sample="s", select=sel)
+        a.write_h5ad(tmp_path / "rt.h5ad")
+        b = ad.read_h5ad(tmp_path / "rt.h5ad")
+        assert (a.X != b.X).nnz == 0
+        np.testing.assert_array_equal(a.obsm["spatial"], b.obsm["spatial"])

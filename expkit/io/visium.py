@@ -46,13 +46,24 @@ def _find_matrix(folder: Path, sample: str, matrix) -> Path:
 
 def read_positions(spatial: Path, sample: str) -> tuple[pd.DataFrame, Path]:
     """The tissue positions table (Space Ranger 1: ``tissue_positions_list.csv`` without header,
-    Space Ranger 2+: ``tissue_positions.csv`` with header), indexed by barcode."""
-    candidates = [spatial / "tissue_positions.csv", spatial / "tissue_positions_list.csv"]
+    Space Ranger 2+: ``tissue_positions.csv`` with header, or ``tissue_positions.parquet``),
+    indexed by barcode."""
+    candidates = [spatial / "tissue_positions.csv", spatial / "tissue_positions_list.csv",
+                  spatial / "tissue_positions.parquet"]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         raise fail(sample, spatial / "tissue_positions_list.csv",
-                   "tissue positions file not found (looked for tissue_positions.csv and "
-                   "tissue_positions_list.csv)")
+                   "tissue positions file not found (looked for tissue_positions.csv, "
+                   "tissue_positions_list.csv and tissue_positions.parquet)")
+    if path.suffix == ".parquet":
+        try:
+            df = pd.read_parquet(path)
+        except ImportError as exc:
+            raise fail(sample, path, "reading tissue_positions.parquet needs pyarrow "
+                                     "(pip install expkit[parquet])") from exc
+        except Exception as exc:  # pyarrow's own error types
+            raise fail(sample, path, f"malformed tissue positions file: {exc}") from exc
+        return _clean_positions(df, path, sample, has_header=True), path
     head = first_line(path, sample)
     has_header = head.split(",")[0].strip().strip('"') == "barcode"
     try:
@@ -63,6 +74,10 @@ def read_positions(spatial: Path, sample: str) -> tuple[pd.DataFrame, Path]:
         raise fail(sample, path, "tissue positions file is empty") from None
     except (pd.errors.ParserError, ValueError, UnicodeDecodeError, OSError, EOFError) as exc:
         raise fail(sample, path, f"malformed tissue positions file: {exc}") from exc
+    return _clean_positions(df, path, sample, has_header), path
+
+
+def _clean_positions(df: pd.DataFrame, path: Path, sample: str, has_header: bool) -> pd.DataFrame:
     if df.shape[1] != 6:
         raise fail(sample, path, f"expected 6 columns ({', '.join(POSITION_COLUMNS)}), found "
                                  f"{df.shape[1]}")
@@ -79,9 +94,10 @@ def read_positions(spatial: Path, sample: str) -> tuple[pd.DataFrame, Path]:
         df[col] = vals
     if df["barcode"].isna().any():
         raise fail(sample, path, f"{int(df['barcode'].isna().sum())} rows without a barcode")
+    df["barcode"] = df["barcode"].astype(str)
     df = df.set_index("barcode", drop=False)
     df.index.name = None
-    return df, path
+    return df
 
 
 def read_scalefactors(spatial: Path, sample: str) -> tuple[dict, Path]:
@@ -128,12 +144,13 @@ def read_image(path: Path, sample: str | None = None) -> np.ndarray:
 
 
 def check_positions(xy: np.ndarray, barcodes, images: dict, scalefactors: dict, sample: str,
-                    file: Path) -> None:
+                    file: Path, all_xy: np.ndarray | None = None) -> None:
     """Check that full-resolution pixel positions agree with the images and the spot size.
 
     Raises a ReaderError when spots scaled by ``tissue_<res>_scalef`` fall outside the image, or
-    when the spot spacing does not match ``spot_diameter_fullres`` (array coordinates, microns or a
-    wrong column taken for pixels).
+    when the spot spacing (median nearest-neighbour distance over ``all_xy``, the whole array of the
+    positions file, else over ``xy``) does not match ``spot_diameter_fullres`` (array coordinates,
+    microns or a wrong column taken for pixels).
     """
     if xy.shape[0] == 0:
         return
@@ -159,10 +176,11 @@ def check_positions(xy: np.ndarray, barcodes, images: dict, scalefactors: dict, 
                                      f"e.g. barcode {examples(np.asarray(barcodes)[out], 1)} at "
                                      f"full-resolution (x, y) = {tuple(np.round(xy[out][0], 1))}; "
                                      f"{hint}")
-    if diam and xy.shape[0] >= 10:
+    grid = xy if all_xy is None else all_xy[np.isfinite(all_xy).all(axis=1)]
+    if diam and grid.shape[0] >= 10:
         from scipy.spatial import cKDTree
 
-        d, _ = cKDTree(xy).query(xy, k=2)
+        d, _ = cKDTree(grid).query(grid, k=2)
         nn = float(np.median(d[:, 1]))
         # Visium: centre-to-centre distance ~1.4-1.9 spot diameters; accept a wide band
         if not (0.5 * diam <= nn <= 10 * diam):
@@ -258,7 +276,8 @@ def read_visium(folder, *, sample: str, matrix=None, in_tissue_only: bool = True
         logger.info("sample %r: no tissue_hires_image.png or tissue_lowres_image.png in %s",
                     sample, spatial)
     if check:
-        check_positions(xy, pos.index, images, scalefactors, sample, ppath)
+        all_xy = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
+        check_positions(xy, pos.index, images, scalefactors, sample, ppath, all_xy=all_xy)
     adata.obs["in_tissue"] = pos["in_tissue"].to_numpy(dtype=np.int64)
     adata.obsm["spatial"] = xy
     adata.obsm["spatial.array"] = arr.astype(np.int64)

@@ -8,7 +8,7 @@ import pandas as pd
 
 from ..errors import ReaderError
 from ._checks import check_finite, check_subset, check_unique, fail, open_text, require_file
-from .tenx import read_10x_h5
+from .tenx import read_10x_h5, read_10x_mtx
 
 __all__ = ["read_xenium"]
 
@@ -55,7 +55,8 @@ def read_xenium(folder_or_h5, *, sample: str | None = None, cells=None, gex_only
     Parameters
     ----------
     folder_or_h5
-        The Xenium output folder (holding ``cell_feature_matrix.h5`` and ``cells.csv.gz``,
+        The Xenium output folder (holding ``cell_feature_matrix.h5``, or the
+        ``cell_feature_matrix/`` MatrixMarket folder, and ``cells.csv.gz``,
         ``cells.csv`` or ``cells.parquet``) or the ``cell_feature_matrix.h5`` file itself (the cells
         table is then looked for beside it).
     sample
@@ -83,8 +84,10 @@ def read_xenium(folder_or_h5, *, sample: str | None = None, cells=None, gex_only
     path = Path(folder_or_h5)
     if path.is_dir():
         h5 = path / "cell_feature_matrix.h5"
-        if not h5.is_file():
-            raise fail(sample, h5, "Xenium cell_feature_matrix.h5 not found")
+        if not h5.is_file() and (path / "cell_feature_matrix").is_dir():
+            h5 = path / "cell_feature_matrix"  # the MatrixMarket export of the same matrix
+        elif not h5.is_file():
+            raise fail(sample, h5, "Xenium cell_feature_matrix.h5 (or cell_feature_matrix/) not found")
         folder = path
     else:
         h5 = require_file(path, sample, "Xenium cell_feature_matrix.h5")
@@ -96,7 +99,10 @@ def read_xenium(folder_or_h5, *, sample: str | None = None, cells=None, gex_only
         if cpath is None:
             raise fail(sample, folder / "cells.csv.gz", "Xenium cells table not found (looked for "
                                                         "cells.csv.gz, cells.csv, cells.parquet)")
-    adata = read_10x_h5(h5, sample=sample, gex_only=gex_only)
+    if h5.is_dir():
+        adata = read_10x_mtx(h5, sample=sample, gex_only=gex_only)
+    else:
+        adata = read_10x_h5(h5, sample=sample, gex_only=gex_only)
     df = _read_cells(cpath, sample)
     check_subset(adata.obs_names, df.index, "matrix cells", "the cells table", sample, cpath)
     df = df.loc[adata.obs_names]
