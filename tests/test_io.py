@@ -582,7 +582,12 @@ def test_read_sample_detection_and_errors(data, tmp_path):
     with pytest.raises(ReaderError, match="supported layouts") as err:
         eio.read_sample(data / "gene_annotation", modality="rna", sample="g")
     assert "visium" in str(err.value) and "xenium" in str(err.value)
-    mob = data / "mob_rep11"
+    mob = tmp_path / "small"
+    mob.mkdir()
+    (mob / "counts.tsv").write_text("spot\tx\ty\tlayer\tG1\tG2\nA\t1\t2\tGL\t3\t4\n"
+                                    "B\t5\t6\tGL\t7\t8\nC\t1\t1\tMCL\t0\t1\n")
+    small = eio.read_sample(mob, modality="spatial-bin", sample="m", select="layer=MCL")
+    assert list(small.obs_names) == ["C"] and list(small.var_names) == ["G1", "G2"]
     with pytest.raises(ReaderError, match="no obs column 'nope'"):
         eio.read_sample(mob, modality="spatial-bin", sample="m", select="nope=1")
     with pytest.raises(ReaderError, match="matches no observation"):
@@ -594,6 +599,11 @@ def test_read_sample_detection_and_errors(data, tmp_path):
     with pytest.raises(InputError, match="takes no option"):
         eio.read_sample(data / "dlpfc" / "151673", modality="rna", sample="m", reader="visium",
                         colour="red")
+    prostate = data / "giotto" / "Visium_multisample_prostate"
+    assert eio.read_sample(prostate, modality="spatial-bin", sample="NP", reader="table",
+                           select="list_ID=NP").n_obs == 987
+    with pytest.raises(ReaderError, match="looks like a 'visium' input"):
+        eio.read_sample(data / "dlpfc" / "151673", modality="rna", sample="m", reader="h5ad")
     h5 = data / "dlpfc" / "151673" / DLPFC_H5
     assert eio.read_sample(h5, modality="rna", sample="m", reader="10x_h5").shape == (3639, 5000)
     with pytest.raises(ReaderError, match="needs spatial coordinates"):

@@ -227,6 +227,13 @@ def read_sample(location, *, modality: str, sample: str, reader: str | None = No
     extra: dict = {}
     if reader is None:
         reader, path, extra = detect_reader(path, sample=sample)
+    elif reader in ("table", "10x_h5", "h5ad") and path.is_dir():
+        # a file reader given a folder: take the file the folder's layout points to
+        found, fpath, fextra = detect_reader(path, sample=sample)
+        if found != reader:
+            raise fail(sample, path, f"reader {reader!r} needs a file; the folder looks like a "
+                                     f"{found!r} input (pass the file itself or reader={found!r})")
+        path, extra = fpath, fextra
     func = _get_reader(reader)
     kwargs = {**extra, **options}
     params = inspect.signature(func).parameters
