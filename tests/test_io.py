@@ -689,3 +689,13 @@ def test_results_write_to_h5ad(data, tmp_path):
         b = ad.read_h5ad(tmp_path / "rt.h5ad")
         assert (a.X != b.X).nnz == 0
         np.testing.assert_array_equal(a.obsm["spatial"], b.obsm["spatial"])
+
+
+def test_table_coordinates_without_identifiers_refused(data):
+    """Giotto's mouse-brain DG locations file has no spot names: refuse to align by row order."""
+    folder = data / "giotto" / "Visium_mouse_brain_DG"
+    with untouched(folder):
+        with pytest.raises(ReaderError, match="visium_DG_locs.txt.*no identifier column"):
+            eio.read_sample(folder, modality="spatial-bin", sample="dg")
+        rna = eio.read_table(folder / "visium_DG_expr.txt.gz", orientation="genes x spots", sample="dg")
+    assert rna.shape == (624, 634)

@@ -158,8 +158,9 @@ def _read_counts_table(path: Path, sep, sample, coord_names: set[str], obs_colum
 def _read_side_table(path: Path, sep, sample, what: str, index: str | None) -> pd.DataFrame:
     """A coordinate/metadata table indexed by its identifier column.
 
-    The identifier is ``index`` if given, else the implicit R row names, else the first unique text
-    column. A table without any identifier column gets a RangeIndex (aligned by order later).
+    The identifier is ``index`` if given, else the implicit R row names / first column, else the first
+    unique text column. A table without any identifier column is an error: matching rows by order
+    is unsafe (Giotto's headerless ``*_locs.txt`` files are not in the order of the count table).
     """
     df, _ = _read_frame(path, sep, sample, what)
     if index is not None:
