@@ -131,6 +131,48 @@ def test_dpp_chooses_resolution_and_strides(tmp_path):
     assert w.extent == (-0.5, 799.5, 799.5, -0.5)
 
 
+def test_pyramid_levels(tmp_path):
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 256, size=(2048, 1536, 3), dtype=np.uint8)
+    store = ImageStore(tmp_path / "p.h5")
+    store.write("he", base, transform=scale_transform(0.5), pyramid=True, compression="lzf")
+    store.write("small", base[:100, :100].copy())  # default: no pyramid for small images
+    assert store.levels("he") == [1, 2, 4] and store.levels("small") == [1]
+    assert store.images() == ["he", "small"]  # levels are not images
+    w1 = store.read("he/r,g,b")
+    assert w1.level == 1 and w1.array.shape == (2048, 1536, 3)
+    w2 = store.read("he/r,g,b", dpp=4)  # image dpp 2: the 2x level has dpp 4
+    assert w2.level == 2 and w2.array.shape == (1024, 768, 3) and w2.dpp == pytest.approx(4)
+    w4 = store.read("he/g", dpp=9)  # the 4x level (dpp 8), no stride
+    assert w4.level == 4 and w4.array.shape == (512, 384, 1)
+    # same covered area at every level
+    for w in (w2, w4):
+        assert w.extent == pytest.approx(w1.extent)
+    # level values are block means of the image (two rounded 2x2 stages: within 1)
+    ref = base[:, :, 1].reshape(512, 4, 384, 4).astype(float).mean(axis=(1, 3))
+    assert np.abs(w4.array[:, :, 0] - ref).max() <= 1.0
+    # a window at a coarse level lands on the same place as at the full level
+    xr, yr = (1000, 1400), (2000, 2600)
+    a = store.read("he/r", xrange=xr, yrange=yr, dpp=8)
+    assert a.level == 4 and a.xrange[0] <= 1000 and a.xrange[1] >= 1400
+    assert a.xrange[1] - a.xrange[0] <= 400 + 2 * 8
+    full = store.read("he/r", xrange=(a.xrange[0] + 0.01, a.xrange[1] - 0.01),
+                      yrange=(a.yrange[0] + 0.01, a.yrange[1] - 0.01))
+    assert full.array.shape[0] == 4 * a.array.shape[0] and full.array.shape[1] == 4 * a.array.shape[1]
+    blocks = full.array[:, :, 0].reshape(a.array.shape[0], 4, a.array.shape[1], 4).astype(float).mean(axis=(1, 3))
+    assert np.abs(blocks - a.array[:, :, 0]).max() <= 1.0
+    store.delete("he")
+    assert store.images() == ["small"]
+    # levels deeper than the band height are built by reading the previous level back, tile by
+    # tile: the same values as the streamed cascade
+    from expkit.io.images import _down2, _downsample_dataset
+
+    lvl2 = _down2(base)
+    out = np.zeros((512, 384, 3), np.uint8)
+    _downsample_dataset(lvl2, out, chunk=7)
+    np.testing.assert_array_equal(out[:, :, 1:2], w4.array)
+
+
 def test_atomic_create_and_add(tmp_path):
     class Failing:
         shape, dtype = (2000, 300, 3), np.dtype(np.uint8)
@@ -225,7 +267,7 @@ class _LazyBig:
 def test_window_reads_only_its_chunks(tmp_path, n):
     src = _LazyBig(n)
     path = tmp_path / "big.h5"
-    ImageStore(path).write("big", src, channels=["0"], compression="lzf")
+    ImageStore(path).write("big", src, channels=["0"], compression="lzf", pyramid=False)
     file_size = path.stat().st_size
     store = _CountingStore(path)
     store.images()  # metadata read

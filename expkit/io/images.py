@@ -17,9 +17,19 @@ names several channels of one image; a bare ``"r,g,b"`` (no image) lets :meth:`I
 pick, among the images holding those channels, the one best suited to the requested resolution
 ``dpp`` (data units, i.e. full-resolution pixels, per output pixel).
 
-Reads touch only the chunks of the requested window (h5py hyperslab selection); when the chosen
-image is much finer than ``dpp`` it is read with a stride, so a whole-slide overview of a large image
-costs memory of the order of the output, not of the image.
+Large images (a side above 4096 px, or ``pyramid=True``) also get 2x, 4x, ... block-averaged
+levels ``/pyramid/<name>/<factor>`` (same channels; not listed as images). A read picks, for the
+requested ``dpp``, the coarsest level still at least as fine, then strides by the remaining factor.
+
+Reads touch only the chunks of the requested window (h5py hyperslab selection); a strided read goes
+tile by tile (a few chunks at a time) and subsamples in numpy, so a whole-slide overview costs
+memory of the order of the output plus one tile, never the image.
+
+File layout (format "expkit.images", version 1)::
+
+    /images/<name>              (y, x, c) uint8|uint16, chunks (256, 256, c), gzip (default) or lzf
+        attrs: channels (str array), transform (3x3 float64)
+    /pyramid/<name>/<factor>    (ceil(y/f), ceil(x/f), c), attrs: factor, transform
 
 Only axis-aligned transforms (scale, flip, translation; no rotation or shear) can be read as windows.
 """
@@ -45,6 +55,9 @@ __all__ = [
 ]
 
 _GROUP = "images"
+_PYRAMID = "pyramid"
+PYRAMID_AUTO = 4096  # images with a side above this get pyramid levels by default
+PYRAMID_MIN = 512  # the coarsest level keeps a side of at least this
 _TMP_PREFIX = ".tmp-"
 CHUNK = 256
 
@@ -70,6 +83,7 @@ class ImageWindow:
     image: str
     channels: list[str]
     dpp: float
+    level: int = 1  # pyramid level factor read (1: the image itself)
 
     @property
     def xrange(self) -> tuple[float, float]:
@@ -159,16 +173,20 @@ def _read_window(data, transform: np.ndarray, ch_idx: list[int], xrange, yrange,
         # sample the centre pixel of each step x step block
         off_r = min((step - 1) // 2, r1 - r0 - 1) if step > 1 else 0
         off_c = min((step - 1) // 2, c1 - c0 - 1) if step > 1 else 0
-        rows = slice(r0 + off_r, r1, step)
-        cols = slice(c0 + off_c, c1, step)
         nchan = int(data.shape[2])
         if len(ch_idx) == nchan and ch_idx == list(range(nchan)):
-            arr = np.asarray(data[rows, cols, :])
-        elif len(ch_idx) == 1 or all(b == a + 1 for a, b in zip(ch_idx, ch_idx[1:])):
-            arr = np.asarray(data[rows, cols, ch_idx[0]:ch_idx[-1] + 1])
+            csel, cpick = slice(0, nchan), None
+        elif all(b == a + 1 for a, b in zip(ch_idx, ch_idx[1:])):
+            csel, cpick = slice(ch_idx[0], ch_idx[-1] + 1), None
         else:
             lo, hi = min(ch_idx), max(ch_idx)
-            arr = np.asarray(data[rows, cols, lo:hi + 1])[:, :, [c - lo for c in ch_idx]]
+            csel, cpick = slice(lo, hi + 1), [c - lo for c in ch_idx]
+        if step == 1 or isinstance(data, np.ndarray):
+            arr = np.asarray(data[slice(r0 + off_r, r1, step), slice(c0 + off_c, c1, step), csel])
+        else:
+            arr = _strided_read(data, np.arange(r0 + off_r, r1, step), np.arange(c0 + off_c, c1, step), csel)
+        if cpick is not None:
+            arr = arr[:, :, cpick]
         nr, nc = arr.shape[0], arr.shape[1]
     # covered area in image coordinates, then back to full resolution
     u0, u1 = c0 - 0.5, c0 + nc * step - 0.5
@@ -178,6 +196,28 @@ def _read_window(data, transform: np.ndarray, ch_idx: list[int], xrange, yrange,
     # imshow extent (left, right, bottom, top): row 0 at "top"
     extent = (float(x0), float(x1), float(y1), float(y0))
     return np.ascontiguousarray(arr), extent, img_dpp * step
+
+
+def _strided_read(data, rows: np.ndarray, cols: np.ndarray, csel: slice) -> np.ndarray:
+    """``data[rows][:, cols][:, :, csel]`` for sorted, evenly spaced ``rows``/``cols`` of a chunked
+    dataset, tile by tile: HDF5 strided selections are slow, so each tile of whole chunks holding
+    wanted pixels is read contiguously and subsampled in numpy (transient memory: one tile)."""
+    chunks = getattr(data, "chunks", None) or (CHUNK, CHUNK)
+    tile_r = int(chunks[0])
+    tile_c = int(chunks[1]) * max(1, 2048 // int(chunks[1]))
+    nch = len(range(*csel.indices(int(data.shape[2]))))
+    out = np.empty((len(rows), len(cols), nch), dtype=data.dtype)
+    rgroups = np.flatnonzero(np.diff(rows // tile_r, prepend=-1))
+    cgroups = np.flatnonzero(np.diff(cols // tile_c, prepend=-1))
+    for gi, a in enumerate(rgroups):
+        b = rgroups[gi + 1] if gi + 1 < len(rgroups) else len(rows)
+        rs = rows[a:b]
+        for gj, c in enumerate(cgroups):
+            d = cgroups[gj + 1] if gj + 1 < len(cgroups) else len(cols)
+            cs = cols[c:d]
+            slab = data[int(rs[0]):int(rs[-1]) + 1, int(cs[0]):int(cs[-1]) + 1, csel]
+            out[a:b, c:d] = slab[rs - rs[0]][:, cs - cs[0]]
+    return out
 
 
 class _Source:
@@ -245,8 +285,12 @@ class _Source:
             idx.append(chans.index(c))
         return image, idx, [f"{image}/{chans[i]}" for i in idx]
 
-    def _dataset(self, image: str):  # context manager yielding the (y, x, c) array-like
+    def _dataset(self, key: str):  # context manager yielding the (y, x, c) array-like
         raise NotImplementedError
+
+    def _levels(self, image: str) -> list[tuple[str, int, np.ndarray]]:
+        """(dataset key, factor, transform) of the image and its pyramid levels, finest first."""
+        return [(image, 1, self._meta()[image][2])]
 
     def read(self, channels, xrange=None, yrange=None, dpp: float | None = None) -> ImageWindow:
         """Read ``channels`` over the full-resolution window ``xrange`` x ``yrange``.
@@ -257,10 +301,14 @@ class _Source:
         requested one (clipped to the image) to the nearest pixel; its exact ``extent`` is returned.
         """
         image, idx, names = self.resolve(channels, dpp)
-        t = self._meta()[image][2]
-        with self._dataset(image) as data:
+        levels = self._levels(image)
+        key, factor, t = levels[0]
+        if len(levels) > 1 and dpp is not None:
+            pick = _choose_by_dpp({lv[0]: _image_dpp(lv[2]) for lv in levels}, dpp)
+            key, factor, t = next(lv for lv in levels if lv[0] == pick)
+        with self._dataset(key) as data:
             arr, extent, out_dpp = _read_window(data, t, idx, xrange, yrange, dpp)
-        return ImageWindow(arr, extent, image, names, out_dpp)
+        return ImageWindow(arr, extent, image, names, out_dpp, factor)
 
 
 def _choose_by_dpp(dpps: dict[str, float], dpp: float | None) -> str:
@@ -331,25 +379,45 @@ class ImageStore(_Source):
         key = (st.st_mtime_ns, st.st_size, st.st_ino)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        meta = {}
+        meta, levels = {}, {}
         with self._open("r") as f:
             grp = f.get(_GROUP)
+            pyr = f.get(_PYRAMID)
             if grp is not None:
                 for name, ds in grp.items():
                     if name.startswith(_TMP_PREFIX):
                         continue
                     chans = [c.decode() if isinstance(c, bytes) else str(c) for c in ds.attrs["channels"]]
-                    meta[name] = (tuple(ds.shape), chans, np.asarray(ds.attrs["transform"], dtype=np.float64))
-        self._cache = (key, meta)
+                    t = np.asarray(ds.attrs["transform"], dtype=np.float64)
+                    meta[name] = (tuple(ds.shape), chans, t)
+                    lv = [(f"{_GROUP}/{name}", 1, t)]
+                    if pyr is not None and name in pyr:
+                        for fac in sorted(pyr[name], key=int):
+                            d = pyr[name][fac]
+                            lv.append((f"{_PYRAMID}/{name}/{fac}", int(fac),
+                                       np.asarray(d.attrs["transform"], dtype=np.float64)))
+                    levels[name] = lv
+        self._cache = (key, meta, levels)
         return meta
 
-    def _dataset(self, image: str):
+    def _levels(self, image: str):
+        self._meta()
+        return self._cache[2][image] if self._cache is not None else super()._levels(image)
+
+    def levels(self, image: str) -> list[int]:
+        """Downsampling factors stored for ``image`` (1 = the image itself)."""
+        if image not in self._meta():
+            raise KeyNotFoundError(f"no image {image!r} in {self._where()}; available: {self.images()}")
+        return [lv[1] for lv in self._levels(image)]
+
+    def _dataset(self, key: str):
         store = self
+        path = key if "/" in key else f"{_GROUP}/{key}"
 
         class _Ctx:
             def __enter__(self_inner):
                 self_inner.f = store._open("r")
-                return self_inner.f[_GROUP][image]
+                return self_inner.f[path]
 
             def __exit__(self_inner, *exc):
                 self_inner.f.close()
@@ -366,7 +434,7 @@ class ImageStore(_Source):
     # -- writing --
     def write(self, name: str, array, *, channels: Sequence[str] | None = None,
               transform=None, overwrite: bool = False, compression: str | None = "gzip",
-              compression_opts: int | None = 4, chunk: int = CHUNK) -> None:
+              compression_opts: int | None = 4, chunk: int = CHUNK, pyramid: bool | None = None) -> None:
         """Write image ``name`` (a (y, x, c) or (y, x) uint8/uint16 array-like).
 
         ``array`` may be any object with ``shape``, ``dtype`` and numpy slicing (an h5py or zarr
@@ -374,6 +442,11 @@ class ImageStore(_Source):
         image larger than memory can be written. ``channels`` default to ``r,g,b(,a)`` for 3/4
         channels, ``0..c-1`` otherwise; ``transform`` (3x3, full-resolution (x, y) -> image
         (col, row)) defaults to the identity (a full-resolution image).
+
+        ``pyramid``: also store 2x, 4x, ... block-averaged levels (under ``/pyramid/<name>/<factor>``,
+        down to a side of 512), used by :meth:`read` when ``dpp`` is coarse, so that an overview of a
+        whole large image reads a small level instead of striding through the full image.
+        None (default): only for images with a side above 4096 pixels.
 
         Atomicity: when the file does not exist yet, it is written as a temporary file in the same
         folder and moved into place with ``os.replace``, so a crash never leaves a partial store.
@@ -403,6 +476,9 @@ class ImageStore(_Source):
             raise InputError(f"image {name!r}: {c} channels need {c} distinct names without ',' or '/', "
                              f"got {channels}")
         t = _check_transform(np.eye(3) if transform is None else transform)
+        if pyramid is None:
+            pyramid = max(shape[0], shape[1]) > PYRAMID_AUTO
+        wargs = (shape, flat, dtype, channels, t, compression, compression_opts, chunk, pyramid)
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():
@@ -414,8 +490,7 @@ class ImageStore(_Source):
                 with h5py.File(tmp, "w") as f:
                     f.attrs["format"] = "expkit.images"
                     f.attrs["format_version"] = 1
-                    self._write_dataset(f.require_group(_GROUP), name, array, shape, flat, dtype,
-                                        channels, t, compression, compression_opts, chunk)
+                    self._write_image(f, name, name, array, *wargs)
                 os.replace(tmp, self.path)
             except BaseException:
                 if os.path.exists(tmp):
@@ -424,38 +499,87 @@ class ImageStore(_Source):
         else:
             with self._open("a") as f:
                 grp = f.require_group(_GROUP)
-                for k in [k for k in grp if k.startswith(_TMP_PREFIX)]:
-                    del grp[k]
+                pyr = f.require_group(_PYRAMID)
+                for g in (grp, pyr):
+                    for k in [k for k in g if k.startswith(_TMP_PREFIX)]:
+                        del g[k]
                 if name in grp and not overwrite:
                     raise InputError(f"image {name!r} already exists in {self._where()} (overwrite=True)")
                 tmpname = _TMP_PREFIX + name
-                self._write_dataset(grp, tmpname, array, shape, flat, dtype, channels, t,
-                                    compression, compression_opts, chunk)
+                self._write_image(f, tmpname, name, array, *wargs)
                 if name in grp:
                     del grp[name]
+                if name in pyr:
+                    del pyr[name]
                 grp.move(tmpname, name)
+                if tmpname in pyr:
+                    pyr.move(tmpname, name)
         self._cache = None
 
     @staticmethod
-    def _write_dataset(grp, name, array, shape, flat, dtype, channels, t, compression,
-                       compression_opts, chunk):
-        h, w, c = shape
-        chunks = (max(1, min(chunk, h)), max(1, min(chunk, w)), c)
+    def _write_image(f, dsname, name, array, shape, flat, dtype, channels, t, compression, compression_opts,
+                     chunk, pyramid):
+        """The image in bands of ``chunk`` rows; pyramid levels up to factor ``chunk`` are made from
+        each band as it passes (no read-back), deeper ones from the previous level."""
         kw = {}
         if compression:
             kw["compression"] = compression
             if compression == "gzip" and compression_opts is not None:
                 kw["compression_opts"] = compression_opts
             kw["shuffle"] = dtype.itemsize > 1
-        ds = grp.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, **kw)
-        band = chunks[0]
+        h, w, c = shape
+        band = max(1, min(chunk, h))
+        ds = f.require_group(_GROUP).create_dataset(dsname, shape=shape, dtype=dtype,
+                                                    chunks=(band, max(1, min(chunk, w)), c), **kw)
+        levels = []  # (factor, dataset)
+        if pyramid:
+            pgrp = f.require_group(_PYRAMID).require_group(dsname)
+            fac, lh, lw = 1, h, w
+            while max(lh, lw) // 2 >= PYRAMID_MIN:
+                fac, lh, lw = fac * 2, -(-lh // 2), -(-lw // 2)
+                d = pgrp.create_dataset(str(fac), shape=(lh, lw, c), dtype=dtype,
+                                        chunks=(min(chunk, lh), min(chunk, lw), c), **kw)
+                d.attrs["factor"] = fac
+                d.attrs["transform"] = level_transform(t, fac)
+                levels.append((fac, d))
+        streamed = [(fac, d) for fac, d in levels if fac <= band and band % fac == 0]
+        # level rows are buffered up to whole chunk rows: a partial chunk write would make HDF5
+        # decompress, patch and recompress that chunk once per band
+        pending: list[list[np.ndarray]] = [[] for _ in streamed]
+        written = [0 for _ in streamed]
+
+        def flush(i: int, final: bool = False) -> None:
+            d = streamed[i][1]
+            rows = sum(p.shape[0] for p in pending[i])
+            if rows and (final or rows >= d.chunks[0]):
+                block = np.concatenate(pending[i], axis=0) if len(pending[i]) > 1 else pending[i][0]
+                d[written[i]:written[i] + rows] = block
+                written[i] += rows
+                pending[i].clear()
+
         for r0 in range(0, h, band):
             block = np.asarray(array[r0:r0 + band])
             if flat:
                 block = block[:, :, None]
-            ds[r0:r0 + block.shape[0]] = block.astype(dtype, copy=False)
+            if block.shape[1:] != (w, c):
+                raise InputError(f"image {name!r}: rows {r0}.. came back with shape {block.shape}, "
+                                 f"expected (rows, {w}, {c})")
+            block = block.astype(dtype, copy=False)
+            ds[r0:r0 + block.shape[0]] = block
+            cur = block
+            for i in range(len(streamed)):
+                cur = _down2(cur)
+                pending[i].append(cur)
+                flush(i)
+        for i in range(len(streamed)):
+            flush(i, final=True)
+        prev = streamed[-1][1] if streamed else ds
+        for fac, d in levels[len(streamed):]:
+            _downsample_dataset(prev, d, chunk)
+            prev = d
         ds.attrs["channels"] = np.array(channels, dtype=object)
         ds.attrs["transform"] = t
+        return ds
 
     def delete(self, name: str) -> None:
         """Remove image ``name`` (the file keeps its size until repacked)."""
@@ -464,6 +588,8 @@ class ImageStore(_Source):
             if name not in grp:
                 raise KeyNotFoundError(f"no image {name!r} in {self._where()}; available: {self.images()}")
             del grp[name]
+            if _PYRAMID in f and name in f[_PYRAMID]:
+                del f[_PYRAMID][name]
         self._cache = None
 
     def fill_from_uns(self, adata, sample: str | None = None, *, overwrite: bool = False) -> list[str]:
@@ -475,6 +601,38 @@ class ImageStore(_Source):
             self.write(name, array, channels=chans, transform=t, overwrite=overwrite)
             names.append(name)
         return names
+
+
+def level_transform(t: np.ndarray, factor: int) -> np.ndarray:
+    """Transform of a level block-averaging ``factor`` x ``factor`` pixels of an image with transform
+    ``t``: level pixel k covers image pixels [f k, f k + f), centred at image coordinate f k + (f-1)/2."""
+    f = float(factor)
+    d = np.array([[1 / f, 0.0, -(f - 1) / (2 * f)], [0.0, 1 / f, -(f - 1) / (2 * f)], [0.0, 0.0, 1.0]])
+    return d @ t
+
+
+def _down2(block: np.ndarray) -> np.ndarray:
+    """2x2 block means (rounded), the last row/column repeated when odd."""
+    if block.shape[0] % 2:
+        block = np.concatenate([block, block[-1:]], axis=0)
+    if block.shape[1] % 2:
+        block = np.concatenate([block, block[:, -1:]], axis=1)
+    acc = block[0::2, 0::2].astype(np.uint32)
+    acc += block[1::2, 0::2]
+    acc += block[0::2, 1::2]
+    acc += block[1::2, 1::2]
+    acc += 2
+    acc >>= 2
+    return acc.astype(block.dtype)
+
+
+def _downsample_dataset(src, dst, chunk: int) -> None:
+    """dst = 2x block means of src, tile by tile (memory: one tile)."""
+    tile_c = chunk * 8
+    for r0 in range(0, int(dst.shape[0]), chunk):
+        for c0 in range(0, int(dst.shape[1]), tile_c):
+            out = _down2(np.asarray(src[2 * r0:2 * (r0 + chunk), 2 * c0:2 * (c0 + tile_c)]))
+            dst[r0:r0 + out.shape[0], c0:c0 + out.shape[1]] = out
 
 
 # --------------------------------------------------------------------------------------------
