@@ -137,7 +137,7 @@ def _measure(fn):
 
 
 def bench_windows(size: int, tmp: Path) -> list[dict]:
-    from expkit.io.images import ImageStore, scale_transform
+    from expkit.io.images import ImageStore
 
     store = ImageStore(tmp / "big.images.h5")
     t0 = time.perf_counter()

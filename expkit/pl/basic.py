@@ -1,7 +1,7 @@
 """Embeddings, compositions and QC distributions."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -9,7 +9,7 @@ import pandas as pd
 
 from ..errors import InputError, KeyNotFoundError
 from ._utils import (_stored_colors, add_legend, category_colors, fig_ax, get_basis, prepare_colors,
-                     sample_name, sorted_categories)
+                     sorted_categories)
 
 __all__ = ["plot_embedding", "plot_proportions", "plot_qc", "QC_KEYS"]
 

@@ -10,7 +10,7 @@ from matplotlib import colors as mcolors
 from matplotlib.collections import EllipseCollection
 
 from ..errors import InputError, KeyNotFoundError
-from ..io.images import ImageStore, _Source, image_sources, parse_channels
+from ..io.images import _Source, image_sources
 from ._utils import ColorSpec, add_legend, fig_ax, get_basis, prepare_colors, sample_name
 
 __all__ = ["plot_spatial", "plot_spatial_grid", "compose_channels", "EMBEDDING_DEFAULTS"]
