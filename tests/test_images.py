@@ -320,6 +320,11 @@ def test_images_from_uns_and_get_image(scanpy_visium, tmp_path):
     assert get_image(ad, "r,g,b", dpp=30).image == "lowres"
     with pytest.raises(KeyNotFoundError, match="hires/r"):
         get_image(ad, "hires/z")
+    # an AnnData pointing at its store (uns['spatial'][sample]['image_store']) reads from the store
+    ad2 = ad.copy()
+    ad2.uns["spatial"]["v1"] = {"scalefactors": dict(sf), "image_store": str(store.path)}
+    np.testing.assert_array_equal(get_image(ad2, "lowres/g", xrange=xr, yrange=yr).array,
+                                  get_image(store, "lowres/g", xrange=xr, yrange=yr).array)
     with pytest.raises(KeyNotFoundError, match="no sample 'nope'"):
         get_image(ad, "hires/r", sample="nope")
 

@@ -162,6 +162,13 @@ def test_crop_reads_only_its_window(v1, tmp_path):
     Spy.reads.clear()
     plot_spatial(v1, image_store=store, figsize=(2, 2), dpi=40)
     assert Spy.reads[0].image == "lowres"
+    # the store named in uns (how the Experiment points a sample at its image file), no images in memory
+    ad = v1.copy()
+    ad.uns["spatial"]["v1"] = {"scalefactors": dict(ad.uns["spatial"]["v1"]["scalefactors"]),
+                               "image_store": str(store.path)}
+    fig = plot_spatial(ad, xrange=xr, yrange=yr, figsize=(4, 3), dpi=60, interpolation="nearest")
+    ref = plot_spatial(v1, image_store=store, xrange=xr, yrange=yr, figsize=(4, 3), dpi=60, interpolation="nearest")
+    np.testing.assert_array_equal(_canvas(fig), _canvas(ref))
 
 
 def test_fluorescence_channels(tmp_path, v1):

@@ -733,12 +733,18 @@ class _UnsImages(_Source):
 
 
 def image_sources(adata_or_store, sample: str | None = None) -> _Source:
-    """An ImageStore (or a path to one) as is; an AnnData's uns['spatial'] images wrapped alike."""
+    """An ImageStore (or a path to one) as is; for an AnnData, the store named by
+    ``uns['spatial'][sample]['image_store']`` (a path, set by the Experiment when it holds the
+    sample's images on disk) when that file exists, else its in-memory uns images wrapped alike."""
     if isinstance(adata_or_store, _Source):
         return adata_or_store
     if isinstance(adata_or_store, (str, os.PathLike)):
         return ImageStore(adata_or_store)
     if hasattr(adata_or_store, "uns"):
+        sample, entry = _uns_sample(adata_or_store, sample)
+        path = entry.get("image_store")
+        if isinstance(path, (str, os.PathLike)) and str(path) and Path(path).is_file():
+            return ImageStore(path)
         return _UnsImages(adata_or_store, sample)
     raise InputError(f"expected an AnnData, an ImageStore or a path, got {type(adata_or_store).__name__}")
 

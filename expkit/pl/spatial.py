@@ -81,7 +81,7 @@ def _store_for(image_store, adata, sample: str | None) -> _Source | None:
     sp = adata.uns.get("spatial")
     if isinstance(sp, dict) and sp:
         key = name if name in sp else (next(iter(sp)) if len(sp) == 1 else None)
-        if key is not None and (sp[key] or {}).get("images"):
+        if key is not None and ((sp[key] or {}).get("images") or (sp[key] or {}).get("image_store")):
             return image_sources(adata, key)
     return None
 
@@ -248,7 +248,8 @@ def plot_spatial(adata, *, channels=None, channel_colors=None, image_store=None,
     channel_colors : {channel: colour} or a list, to overlay fluorescence channels (see
                      :func:`compose_channels`).
     image_store    : an :class:`~expkit.io.images.ImageStore` (or its path, or {sample: store});
-                     default: the in-memory images of ``adata.uns['spatial'][sample]``.
+                     default: the store at ``adata.uns['spatial'][sample]['image_store']`` (a path)
+                     when set and present, else the in-memory images of ``uns['spatial'][sample]``.
     plot_embeddings: dict of spot options, defaults in :data:`EMBEDDING_DEFAULTS` (``visible``,
                      ``basis``, ``color``, ``ptsize``, ``spot_diameter``, ``palette``, ``cmap``,
                      ``vmin``, ``vmax``, ``alpha``); False hides the spots.
