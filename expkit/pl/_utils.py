@@ -31,6 +31,9 @@ from matplotlib import colors as mcolors
 from ..errors import InputError, KeyNotFoundError
 
 NA_COLOR = "#d3d3d3"
+#: var columns searched for gene symbols, in order (expkit's own is "gene"; readers' raw output
+#: may carry "gene_symbols")
+SYMBOL_COLUMNS = ("gene", "gene_symbols", "gene_name", "symbol")
 
 
 def _hexes(cmap: str, idx: Iterable[int]) -> list[str]:
@@ -82,7 +85,8 @@ def is_categorical(series: pd.Series) -> bool:
 
 
 def color_values(adata, key: str, layer: str | None = None) -> tuple[np.ndarray, bool]:
-    """Values to colour by: an obs column, a var_name or a gene symbol (``var['gene']``).
+    """Values to colour by: an obs column, a var_name or a gene symbol (``var['gene']``, else
+    another of :data:`SYMBOL_COLUMNS`; the first matching gene when a symbol is repeated).
 
     Returns (values, categorical). Categorical values are strings with NaN for missing.
     """
@@ -96,10 +100,13 @@ def color_values(adata, key: str, layer: str | None = None) -> tuple[np.ndarray,
     if key in adata.var_names:
         idx = int(adata.var_names.get_loc(key)) if adata.var_names.is_unique else int(
             np.flatnonzero(adata.var_names == key)[0])
-    elif "gene" in adata.var.columns:
-        hits = np.flatnonzero(adata.var["gene"].astype(str).to_numpy() == key)
-        if len(hits):
-            idx = int(hits[0])
+    else:
+        for col in SYMBOL_COLUMNS:
+            if col in adata.var.columns:
+                hits = np.flatnonzero(adata.var[col].astype(str).to_numpy() == key)
+                if len(hits):
+                    idx = int(hits[0])
+                    break
     if idx is None:
         raise KeyNotFoundError(
             f"sample {sample_name(adata)!r}: {key!r} is neither an obs column, a var_name nor a gene "
