@@ -348,3 +348,22 @@ def test_settings_validation():
         ek.settings.device = "tpu"
     with pytest.raises(InputError):
         ek.settings.verbosity = "loud"
+
+
+def test_images_stored_and_plotted_through_modality(dlpfc_expm):
+    expm = ek.load_experiment(dlpfc_expm.path)
+    manifest = json.loads((expm.path / "manifest.json").read_text())
+    rel = manifest["modalities"]["spatial-bin"]["151673"]["images"]
+    assert rel == "images/spatial-bin/151673.h5" and (expm.path / rel).is_file()
+    store_ = expm.spatial_bin.image_store("151673")
+    assert "lowres/r" in store_.channels()
+    win = expm.spatial_bin.get_image(run_on_samples="151673", channels="lowres/r,g,b",
+                                     xrange=(3000, 6000), yrange=(3000, 6000))["151673"]
+    img = expm.spatial_bin["151673"].uns["spatial"]["151673"]["images"]["lowres"]
+    assert win.array.shape[2] == 3 and win.array.shape[0] < img.shape[0] / 2
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = expm.spatial_bin.plot_spatial(run_on_samples=["151673", "151674"], channels="lowres/r,g,b",
+                                        plot_embeddings={"basis": "spatial", "color": "sample"})
+    assert len(fig.axes) >= 2

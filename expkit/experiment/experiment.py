@@ -287,17 +287,18 @@ class Experiment:
         return folder
 
     def _stage_images(self, modality: str, sample: str, adata, staged: list) -> dict:
-        """Copy the sample's in-memory images into its image store (written with the save)."""
+        """Copy the sample's in-memory images into its chunked image store (once; written with the save)."""
         if modality not in SPATIAL_MODALITIES or not adata.uns.get("spatial", {}).get(sample, {}).get("images"):
-            return {}
-        try:
-            from ..io.images import write_store_from_uns
-        except ImportError:  # image store not available in this build
             return {}
         rel = store.image_file(modality, sample)
         target = self.path / rel
+        if target.is_file():
+            return {"images": rel}
+        from ..io.images import ImageStore
+
         with store.staged(target) as tmp:
-            write_store_from_uns(adata, sample, tmp)
+            tmp.unlink()
+            ImageStore(tmp).fill_from_uns(adata, sample)
             staged.append((tmp, target))
         return {"images": rel}
 

@@ -12,4 +12,10 @@ ALL = None
 SPATIAL = ("spatial-bin", "spatial-cell")
 
 METHODS: dict[str, tuple[str, tuple[str, ...] | None, str]] = {
+    # images and plots
+    "get_image": ("expkit.io.images:get_image", SPATIAL, "read"),
+    "plot_spatial": ("expkit.pl.spatial:plot_spatial", SPATIAL, "joint-read"),
+    "plot_embedding": ("expkit.pl.basic:plot_embedding", ALL, "read"),
+    "plot_qc": ("expkit.pl.basic:plot_qc", ALL, "read"),
+    "plot_proportions": ("expkit.pl.basic:plot_proportions", ALL, "joint-read"),
 }

@@ -750,12 +750,15 @@ def image_sources(adata_or_store, sample: str | None = None) -> _Source:
 
 
 def get_image(adata_or_store, channels, *, xrange=None, yrange=None, dpp: float | None = None,
-              sample: str | None = None) -> ImageWindow:
+              sample: str | None = None, image_store=None) -> ImageWindow:
     """Read image ``channels`` over a full-resolution window from an ImageStore or an AnnData.
 
     ``adata_or_store``: an :class:`ImageStore`, a path to one, or an AnnData whose
     ``uns['spatial'][sample]`` holds images in memory (``sample`` may be omitted when there is one).
+    ``image_store`` (given by an Experiment for its samples) takes precedence: only the window's chunks
+    of the stored image are read.
     Returns an :class:`ImageWindow` (``array, extent = get_image(...)`` also works).
     """
-    return image_sources(adata_or_store, sample).read(channels, xrange=xrange, yrange=yrange, dpp=dpp)
+    source = image_sources(image_store if image_store is not None else adata_or_store, sample)
+    return source.read(channels, xrange=xrange, yrange=yrange, dpp=dpp)
 
