@@ -73,13 +73,15 @@ def test_mixes_batches_keeps_layers(corrected, pair):
 
 def test_close_to_harmonypy(corrected, pair, ref):
     a, _ = corrected
-    mine = a.obsm["pca.harmony"]
-    theirs = ref["matched"].astype(np.float64)
+    theirs = ref["matched"].astype(np.float64)  # harmonypy 2.1, same parameters, first 10 dims
+    mine = a.obsm["pca.harmony"][:, :theirs.shape[1]]
     batch = a.obs["batch"].to_numpy()
+    # measured (seed 0): per-dim Pearson r 0.9992-0.9999; kNN(30) overlap 0.945 (input vs harmonypy: 0.54);
+    # batch entropy 0.911 bits both (input 0.204)
     corr = np.array([np.corrcoef(mine[:, j], theirs[:, j])[0, 1] for j in range(mine.shape[1])])
-    assert np.median(corr) > 0.95 and corr[:10].min() > 0.9
-    assert knn_overlap(mine, theirs, 30) > 0.5
-    assert batch_entropy(mine, batch) > batch_entropy(theirs, batch) - 0.05
+    assert corr.min() > 0.995
+    assert knn_overlap(mine, theirs, 30) > 0.85
+    assert batch_entropy(mine, batch) > batch_entropy(theirs, batch) - 0.02
 
 
 def test_deterministic_given_seed(pair, corrected):

@@ -61,7 +61,7 @@ def harmony(z: torch.Tensor, batch: torch.Tensor, n_batches: int, *, theta: torc
             block_size: float = 0.05, generator: torch.Generator | None = None) -> dict:
     """Run Harmony on ``z`` (N x d tensor on its device) with integer batch codes ``batch`` (N,).
 
-    Returns ``{"z": corrected N x d, "R": K x N, "objective": list, "n_iter": int, "converged": bool}``.
+    Returns ``{"z": corrected N x d, "R": N x K soft memberships, "objective": list, "n_iter": int, "converged": bool}``.
     """
     dev, dtype = z.device, z.dtype
     n, _ = z.shape
@@ -78,22 +78,26 @@ def harmony(z: torch.Tensor, batch: torch.Tensor, n_batches: int, *, theta: torc
 
     zc = _normalize(z)
     y = _normalize(kmeans_cosine(zc, k, generator))
+    inv_sigma = 1.0 / sigma_k[None, :]
 
+    # cell-major layout: r, dist are N x K so that blocks of cells are contiguous rows
     def dist_to(y_, zc_):
-        return 2.0 * (1.0 - y_ @ zc_.T)  # K x n
+        two = torch.full((), 2.0, dtype=dtype, device=dev)
+        return torch.addmm(two, zc_, y_.T, beta=1.0, alpha=-2.0)  # 2 (1 - zc . y), N x K
 
     dist = dist_to(y, zc)
-    r = torch.softmax(-dist / sigma_k[:, None], dim=0)
-    e = r.sum(1)[:, None] * pr_b[None]
-    o = r @ phi
+    r = torch.softmax(-dist * inv_sigma, dim=1)
+    e = r.sum(0)[:, None] * pr_b[None]  # K x B
+    o = r.T @ phi  # K x B
 
     def objective() -> float:
         kmeans_err = (r * dist).sum()
-        ent = (sigma_k[:, None] * r * torch.log(r.clamp_min(1e-300))).sum()
+        ent = torch.xlogy(r, r).sum(0) @ sigma_k
         cross = (sigma_k[:, None] * theta[None] * o * torch.log((o + 1.0) / (e + 1.0))).sum()
         return float(kmeans_err + ent + cross)
 
     objective_h = [objective()]
+    kmeans_rounds: list[int] = []
     n_blocks = int(math.ceil(1.0 / block_size))
     z_corr = z.clone()
     converged = False
@@ -101,43 +105,52 @@ def harmony(z: torch.Tensor, batch: torch.Tensor, n_batches: int, *, theta: torc
     for it in range(1, max_iter + 1):
         # 1. clustering with diversity penalty
         obj_k = []
+        rounds = 0
         for i in range(max_iter_kmeans):
-            y = _normalize(r @ zc)
+            y = _normalize(r.T @ zc)
             dist = dist_to(y, zc)
-            order = torch.randperm(n, generator=generator).to(dev)
+            order = torch.randperm(n, generator=generator)
             for block in torch.tensor_split(order, n_blocks):
-                rb, pb = r[:, block], phi[block]
-                o -= rb @ pb
-                e -= rb.sum(1)[:, None] * pr_b[None]
-                logits = -dist[:, block] / sigma_k[:, None] + (theta[None] * torch.log((e + 1.0) / (o + 1.0))) @ pb.T
-                rb = torch.softmax(logits, dim=0)
-                r[:, block] = rb
-                o += rb @ pb
-                e += rb.sum(1)[:, None] * pr_b[None]
+                block = torch.sort(block).values.to(dev)
+                rb, pb = r[block], phi[block]
+                o -= rb.T @ pb
+                e -= rb.sum(0)[:, None] * pr_b[None]
+                penalty = (theta[None] * torch.log((e + 1.0) / (o + 1.0)))  # K x B
+                logits = -dist[block] * inv_sigma + pb @ penalty.T
+                rb = torch.softmax(logits, dim=1)
+                r[block] = rb
+                o += rb.T @ pb
+                e += rb.sum(0)[:, None] * pr_b[None]
             obj_k.append(objective())
+            rounds += 1
             if i > 3:  # sums over a window of 3 iterations, shifted by one
                 old, new = sum(obj_k[-4:-1]), sum(obj_k[-3:])
                 if abs(old - new) / max(abs(old), 1e-300) < eps_cluster:
                     break
         objective_h.append(obj_k[-1])
+        kmeans_rounds.append(rounds)
         # 2. mixture-of-experts ridge correction, all clusters at once
         b1 = n_batches + 1
         a = torch.zeros((k, b1, b1), dtype=dtype, device=dev)
-        a[:, 0, 0] = r.sum(1)
+        a[:, 0, 0] = r.sum(0)
         a[:, 0, 1:] = o
         a[:, 1:, 0] = o
         a[:, 1:, 1:] = torch.diag_embed(o + lamb)
         rhs = torch.empty((k, b1, z.shape[1]), dtype=dtype, device=dev)
-        rhs[:, 0] = r @ z
-        rhs[:, 1:] = torch.einsum("kn,nb,nd->kbd", r, phi, z)
+        rhs[:, 0] = r.T @ z
+        for b in range(n_batches):  # loop over batches (few): cells of batch b
+            rhs[:, 1 + b] = (r * phi[:, b:b + 1]).T @ z
         w = torch.linalg.solve(a, rhs)
         w[:, 0] = 0.0
-        # z_corr_i = z_i - sum_k r_ki w_k[1 + b_i]
-        z_corr = z - torch.einsum("kn,nb,kbd->nd", r, phi, w[:, 1:])
+        # z_corr_i = z_i - sum_k r_ik w_k[1 + b_i]
+        z_corr = z.clone()
+        for b in range(n_batches):
+            z_corr -= (r * phi[:, b:b + 1]) @ w[:, 1 + b]
         zc = _normalize(z_corr)
         if len(objective_h) > 1:
             prev, cur = objective_h[-2], objective_h[-1]
             if abs(prev - cur) / max(abs(prev), 1e-300) < eps_harmony:
                 converged = True
                 break
-    return {"z": z_corr, "R": r, "objective": objective_h, "n_iter": it, "converged": converged}
+    return {"z": z_corr, "R": r, "objective": objective_h, "n_iter": it, "converged": converged,
+            "kmeans_rounds": kmeans_rounds}

@@ -71,7 +71,7 @@ def integrate(adata, *, batch_key: str = "batch", method: str = "harmony", use_r
     else:
         out = harmony(zt, torch.as_tensor(codes), n_batches, theta=theta, sigma=sigma, lamb=lamb,
                       n_clusters=n_clusters, max_iter=max_iter, max_iter_kmeans=max_iter_kmeans, generator=gen)
-        k = out["R"].shape[0]
+        k = out["R"].shape[1]
     adata.obsm[key_added] = to_numpy(out["z"]).astype(np.float32 if z.dtype == np.float32 else np.float64)
     params = {"batch_key": batch_key, "method": method, "use_rep": rep_key, "theta": np.atleast_1d(theta).astype(float),
               "sigma": float(sigma), "lamb": float(lamb), "n_clusters": int(k), "max_iter": int(max_iter),
