@@ -71,7 +71,7 @@ def _xenium(shared: Path):
 def _load(case: str, shared: Path):
     from _de_helpers import dlpfc, dlpfc_pair_pca
 
-    if case.startswith("dlpfc"):
+    if case == "dlpfc":
         return dlpfc(shared, "151673"), "layer"
     if case.startswith("xenium"):
         return _xenium(shared), "cluster"

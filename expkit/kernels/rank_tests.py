@@ -18,6 +18,7 @@ Definitions (two-sided, normal approximation without continuity correction):
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import scipy.sparse as sp
@@ -29,7 +30,7 @@ from ..errors import ResourceError
 # positions, first/last run index, ranks, masks and temporaries
 _RANK_BYTES_PER_ELEMENT = 96
 _STATS_BYTES_PER_ELEMENT = 32
-DEFAULT_MEMORY_BUDGET = 1 << 30  # 1 GiB
+DEFAULT_MEMORY_BUDGET = 256 << 20  # 256 MiB
 
 
 def chunk_size(n_obs: int, n_genes: int, *, memory_budget: int = DEFAULT_MEMORY_BUDGET,
@@ -95,6 +96,18 @@ def group_stats(X, masks: np.ndarray, device: torch.device, *,
     n_obs, n_genes = X.shape
     ind = _indicator(masks, device)
     out = {key: np.zeros((ind.shape[0], n_genes)) for key in ("sum", "sumsq", "npos")}
+    out["n"] = np.asarray(masks, dtype=np.float64).sum(1)
+    if sp.issparse(X):  # sparse (genes x cells) @ dense indicators: no densification
+        xt = sp.csr_matrix(X.T)
+        crow = torch.as_tensor(xt.indptr.astype(np.int64)).to(device)
+        col = torch.as_tensor(xt.indices.astype(np.int64)).to(device)
+        data = torch.as_tensor(xt.data.astype(np.float64)).to(device)
+        for key, values in (("sum", data), ("sumsq", data * data), ("npos", (data > 0).to(torch.float64))):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                mat = torch.sparse_csr_tensor(crow, col, values, size=xt.shape, check_invariants=False)
+                out[key][:] = (mat @ ind.T).T.cpu().numpy()
+        return out
     step = chunk_size(n_obs, n_genes, memory_budget=memory_budget, bytes_per_element=_STATS_BYTES_PER_ELEMENT)
     for start in range(0, n_genes, step):
         stop = min(n_genes, start + step)
@@ -102,7 +115,6 @@ def group_stats(X, masks: np.ndarray, device: torch.device, *,
         out["sum"][:, start:stop] = (x @ ind.T).T.cpu().numpy()
         out["sumsq"][:, start:stop] = ((x * x) @ ind.T).T.cpu().numpy()
         out["npos"][:, start:stop] = ((x > 0).to(torch.float64) @ ind.T).T.cpu().numpy()
-    out["n"] = np.asarray(masks, dtype=np.float64).sum(1)
     return out
 
 

@@ -107,6 +107,9 @@ def markers(adata, *, groupby: str, groups="all", reference: str = "rest", metho
     small = [str(g) for g, a, b in zip(tested, n_in, n_out) if a < 2 or b < 2]
     if small:
         logger.warning(f"markers: groups {small} (or their reference) have fewer than 2 cells")
+    if method == "wilcoxon":  # raises ResourceError before any work when one gene cannot be ranked
+        rt.chunk_size(int(X.shape[0] if ref_value is None else (in_masks | out_masks).sum(1).max()), X.shape[1],
+                      memory_budget=memory_budget)
     device = resolve_device(use_gpu)
     logger.info(f"markers: {method} on {len(tested)} groups x {X.shape[1]} genes ({device})")
 
