@@ -229,3 +229,21 @@ def test_sparse_input_not_modified(adata):
     before = a.layers["lognorm"].copy()
     markers(a, groupby="layer", key_added="m")
     assert sp.issparse(a.layers["lognorm"]) and (a.layers["lognorm"] != before).nnz == 0
+
+
+def test_constant_gene_and_single_cell_group(adata):
+    a = adata[:, :30].copy()
+    x = a.layers["lognorm"].toarray()
+    x[:, 0] = 0.0  # a gene with no expression
+    a.layers["lognorm"] = sp.csr_matrix(x)
+    labels = a.obs["layer"].astype(str).to_numpy().copy()
+    labels[0] = "solo"
+    a.obs["g"] = pd.Categorical(labels)
+    for method in ("wilcoxon", "t-test"):
+        markers(a, groupby="g", method=method, key_added="m")
+        res = a.uns["m"]["results"]
+        assert np.isfinite(res["score"]).all() and res["p"].between(0, 1).all()
+        const = res[res["uid"] == a.var_names[0]]
+        assert (const["score"] == 0).all() and (const["p"] == 1).all()
+        solo = res[res["group"] == "solo"]
+        assert solo["pct.in"].isin([0.0, 1.0]).all()
