@@ -61,7 +61,8 @@ def harmony(z: torch.Tensor, batch: torch.Tensor, n_batches: int, *, theta: torc
             block_size: float = 0.05, generator: torch.Generator | None = None) -> dict:
     """Run Harmony on ``z`` (N x d tensor on its device) with integer batch codes ``batch`` (N,).
 
-    Returns ``{"z": corrected N x d, "R": N x K soft memberships, "objective": list, "n_iter": int, "converged": bool}``.
+    Returns ``{"z": corrected N x d, "R": N x K soft memberships, "objective": list (per iteration),
+    "n_iter": int, "converged": bool, "kmeans_rounds": list}``.
     """
     dev, dtype = z.device, z.dtype
     n, _ = z.shape

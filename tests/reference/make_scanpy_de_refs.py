@@ -4,7 +4,8 @@ Run from the project root with the peers venv (scanpy, harmonypy; never installe
 
     OMP_NUM_THREADS=1 /work/peers/.venv/bin/python tests/reference/make_scanpy_de_refs.py [SHARED_DATA]
 
-(--harmony-only redoes only dlpfc_pair_harmony.npz.) SHARED_DATA defaults to $EXPKIT_SHARED_DATA or ../shared/data. Writes tests/data/scanpy_ref/:
+(--harmony-only redoes only dlpfc_pair_harmony.npz.) SHARED_DATA defaults to $EXPKIT_SHARED_DATA or
+../shared/data. Writes tests/data/scanpy_ref/:
   dlpfc151673_de.npz   scanpy 1.11 rank_genes_groups on DLPFC 151673 (labelled spots, groups = manual
                        layers, layer "lognorm"), genes in var order: groups L1 and WM vs rest, scores and
                        p-values of wilcoxon (tie_correct=True) and t-test, logfoldchanges (the same for
