@@ -112,3 +112,24 @@ def test_gpu_equals_cpu(pair, corrected):
     integrate(a, seed=0, use_gpu=True)
     cpu = corrected[0].obsm["pca.harmony"]
     np.testing.assert_allclose(a.obsm["pca.harmony"], cpu, rtol=1e-6, atol=1e-6)
+
+
+def test_small_synthetic_without_shared_data():
+    """Runs without the shared data (CI): two batches of the same two clusters, shifted."""
+    rng = np.random.default_rng(0)
+    n = 400
+    cluster = rng.integers(0, 2, n)
+    batch = np.where(np.arange(n) < n // 2, "b1", "b2")
+    z = rng.normal(size=(n, 5)) * 0.3
+    z[:, 0] += np.where(cluster == 1, 4.0, -4.0)
+    z[:, 1] += np.where(batch == "b2", 3.0, 0.0)  # batch shift
+    a = ad.AnnData(np.zeros((n, 1), dtype=np.float32),
+                   obs=pd.DataFrame({"batch": batch}, index=[f"c{i}" for i in range(n)]))
+    a.obsm["pca"] = z
+    integrate(a, seed=0, n_clusters=4)
+    out = a.obsm["pca.harmony"]
+    gap_before = abs(z[batch == "b1", 1].mean() - z[batch == "b2", 1].mean())
+    gap_after = abs(out[batch == "b1", 1].mean() - out[batch == "b2", 1].mean())
+    assert gap_after < 0.25 * gap_before
+    sep = abs(out[cluster == 1, 0].mean() - out[cluster == 0, 0].mean())
+    assert sep > 6.0  # the biological axis is kept
