@@ -394,6 +394,17 @@ def test_cosmx_counts_are_xenium_cells(shared_data):
     assert (a.X[mine] != ref.X[order]).nnz == 0
 
 
+def test_cosmx_text_cell_id_column(tmp_path):
+    """Exports with a text cell id before fov/cell_ID read the same."""
+    folder = _copy(COS, tmp_path)
+    expr, _ = _cosmx_tables(folder)
+    expr.insert(0, "cell", [f"c_1_{f}_{c}" for f, c in zip(expr["fov"], expr["cell_ID"])])
+    expr.to_csv(folder / "Fixture_exprMat_file.csv", index=False)
+    a, ref = eio.read_cosmx(folder, sample="c"), eio.read_cosmx(COS, sample="c")
+    assert (a.X != ref.X).nnz == 0 and list(a.obs_names) == list(ref.obs_names)
+    assert list(a.var_names) == list(ref.var_names)
+
+
 def test_cosmx_read_sample():
     assert eio.detect_reader(COS)[0] == "cosmx"
     assert eio.detect_reader(COS / "Fixture_exprMat_file.csv")[0] == "cosmx"

@@ -18,7 +18,8 @@ from .._logging import logger
 from ..errors import ReaderError
 from ._checks import check_unique, examples, fail, first_line, open_text
 
-_CHUNK_ROWS = 20000
+#: values per chunk of a wide table (rows = this / number of columns): ~80 MB of float32
+_CHUNK_VALUES = 20_000_000
 
 
 def header_fields(path: Path, sample) -> list[str]:
@@ -69,15 +70,24 @@ def read_wide_counts(path: Path, sample, id_columns: Sequence[str], what: str,
         raise fail(sample, path, f"{what}: gene column {empty[0] + n_id + 1} has no name")
     check_unique(genes, "gene columns", sample, path)
     cols = list(id_columns) + genes
-    dtypes = {c: str for c in id_columns}
-    dtypes.update({g: np.float32 for g in genes})
+    dtypes = {c: str for c in id_columns}  # counts: inferred (integers parse fastest)
     ids, blocks = [], []
     try:
         with open_text(path, sample) as fh:
             reader = pd.read_csv(fh, header=None, skiprows=1, names=cols, dtype=dtypes, engine="c",
-                                 chunksize=_CHUNK_ROWS, keep_default_na=True)
+                                 chunksize=max(500, _CHUNK_VALUES // len(cols)),
+                                 keep_default_na=True)
             for chunk in reader:
-                vals = chunk[genes].to_numpy(dtype=np.float32)
+                block = chunk[genes]
+                for g, dt in zip(genes, block.dtypes):
+                    if not pd.api.types.is_numeric_dtype(dt):
+                        col = block[g]
+                        bad = pd.to_numeric(col, errors="coerce").isna() & col.notna()
+                        r = int(np.flatnonzero(bad.to_numpy())[0]) if bad.any() else 0
+                        raise fail(sample, path, f"malformed {what}: non-numeric count in column "
+                                                 f"{g!r}, row {int(chunk.index[r]) + 2}: "
+                                                 f"{col.iloc[r]!r}")
+                vals = block.to_numpy(dtype=np.float32)
                 bad = ~np.isfinite(vals)
                 if bad.any():
                     r, c = np.argwhere(bad)[0]

@@ -46,8 +46,9 @@ def read_cosmx(folder_or_csv, *, sample: str | None = None, metadata=None,
     folder_or_csv
         The export folder holding ``<run>_exprMat_file.csv`` and ``<run>_metadata_file.csv``
         (``.gz`` accepted), or the ``*_exprMat_file.csv`` file itself (the metadata is then looked
-        for beside it). Both tables are keyed by (``fov``, ``cell_ID``); the expression matrix rows
-        with ``cell_ID == 0`` (each FOV's transcripts outside any cell) are dropped.
+        for beside it). Both tables are keyed by (``fov``, ``cell_ID``), the first columns of the
+        expression matrix (a text cell-id column among the first three is allowed); the matrix
+        rows with ``cell_ID == 0`` (each FOV's transcripts outside any cell) are dropped.
     sample
         Sample name used in messages and as the ``uns['spatial']`` key.
     metadata
@@ -107,10 +108,13 @@ def read_cosmx(folder_or_csv, *, sample: str | None = None, metadata=None,
             raise fail(sample, cpath, f"pixel_size_um={pixel_size_um!r} must be a positive number "
                                       f"(CosMx SMI: {COSMX_PIXEL_SIZE_UM})")
     header = header_fields(mpath, sample)
-    if header[:2] != _KEYS:
+    # the identifier columns lead: fov and cell_ID (some exports add a text cell id among them)
+    lead = [i for i, h in enumerate(header[:3]) if h in _KEYS]
+    if len(lead) != 2:
         raise fail(sample, mpath, f"expected the expression matrix to start with columns "
-                                  f"{_KEYS}, found {header[:2]}")
-    ids, genes, X = read_wide_counts(mpath, sample, _KEYS, "expression matrix", names=header)
+                                  f"{_KEYS}, found {header[:3]}")
+    ids, genes, X = read_wide_counts(mpath, sample, header[:max(lead) + 1], "expression matrix",
+                                     names=header)
     names = _cell_names(ids["fov"], ids["cell_ID"], sample, mpath, "expression matrix")
     background = (pd.to_numeric(ids["cell_ID"]) == 0).to_numpy()
     if background.any():

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 
 from .._logging import logger
-from ..errors import ReaderError
 from ._checks import check_finite, check_subset, examples, fail, first_line, open_text, require_dir
 from .tenx import read_10x_h5, read_10x_mtx
 from .visium import (POSITION_COLUMNS, _clean_positions, _find_matrix, check_positions, read_image,

@@ -26,7 +26,8 @@ Provenance
 - ``merscope``: 40 cells x 30 genes + 5 ``Blank-*`` columns. Counts = Xenium mouse brain (shared
   ``xenium_mouse_brain``; Bioconductor SpatialExperiment test data) cells 1001-1040, genes = the
   30 gene-expression features with most counts over those cells (by symbol), Blank-0..4 = the
-  cells' counts of the 5 "Blank Codeword" features with most counts in the whole dataset. ``cell_metadata.csv`` (unnamed id
+  cells' counts of the 5 "Blank Codeword" features with most counts in the whole
+  dataset. ``cell_metadata.csv`` (unnamed id
   column, fov, volume, center_x, center_y, min_x, max_x, min_y, max_y; microns) takes center_x/y =
   the Xenium centroids (um); volume = cell_area * 7 (a 7-plane stack, derived), the bounding box
   = centroid +- sqrt(cell_area) / 2 (derived), fov = 0/1 by x (derived). The cell ids are 38-digit
