@@ -1,0 +1,145 @@
+"""The experiment folder: manifest, sample table, one h5ad per sample, the integrated h5mu.
+
+Layout (all paths relative to the folder, so a copied folder loads identically)::
+
+    manifest.json               format version, package version, modalities, samples, cached summaries
+    samples.tsv                 the sample table
+    <modality>/<sample>.h5ad    one AnnData per sample
+    images/<modality>/<sample>.h5   the sample's images (chunked HDF5), when it has any
+    integrated.h5mu             the integrated MuData (one AnnData per modality), after merge()
+
+Writes are atomic: each file is written to a temporary name in its folder and renamed over the old one
+only after every file of the save is complete; the manifest is replaced last.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import FormatError
+
+FORMAT_NAME = "expkit-experiment"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TABLE = "samples.tsv"
+INTEGRATED = "integrated.h5mu"
+
+# Migrations from older format versions: {old_version: function(manifest dict) -> manifest of old_version + 1}.
+MIGRATIONS: dict[int, callable] = {}
+
+
+def sample_file(modality: str, sample: str) -> str:
+    return f"{modality}/{sample}.h5ad"
+
+
+def image_file(modality: str, sample: str) -> str:
+    return f"images/{modality}/{sample}.h5"
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise FormatError(f"experiment folder {str(folder)!r} does not exist")
+    if not path.is_file():
+        raise FormatError(f"{str(folder)!r} is not an expkit experiment: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FormatError(f"{str(path)!r} is not a readable manifest: {exc}") from exc
+    if manifest.get("format") != FORMAT_NAME:
+        raise FormatError(f"{str(path)!r} is not an expkit manifest (format {manifest.get('format')!r})")
+    version = manifest.get("format_version")
+    if not isinstance(version, int):
+        raise FormatError(f"{str(path)!r} has no integer format_version")
+    if version > FORMAT_VERSION:
+        raise FormatError(
+            f"{str(folder)!r} was written in folder format {version} by expkit {manifest.get('expkit_version')}; "
+            f"this expkit reads format <= {FORMAT_VERSION}: upgrade expkit to open it")
+    while version < FORMAT_VERSION:
+        if version not in MIGRATIONS:
+            raise FormatError(f"{str(folder)!r} uses folder format {version}, which has no migration path")
+        manifest = MIGRATIONS[version](manifest)
+        version = manifest["format_version"]
+    return manifest
+
+
+@contextmanager
+def staged(target: Path):
+    """Yield a temporary path beside ``target``; the caller writes it, ``commit`` renames it later."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    with staged(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=False, default=str) + "\n")
+        fsync_file(tmp)
+        os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with staged(path) as tmp:
+        tmp.write_text(text)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+
+
+def write_h5ad(adata, tmp: Path) -> None:
+    """Write an AnnData (compressed, no pickles: anndata's h5ad is pure HDF5)."""
+    adata.write_h5ad(tmp, compression="gzip", compression_opts=4)
+    fsync_file(tmp)
+
+
+def read_h5ad(path: Path, *, what: str):
+    import anndata as ad
+
+    if not path.is_file():
+        raise FormatError(f"{what}: file {str(path)!r} is missing from the experiment folder")
+    try:
+        return ad.read_h5ad(path)
+    except Exception as exc:
+        raise FormatError(f"{what}: {str(path)!r} cannot be read ({type(exc).__name__}: {exc})") from exc
+
+
+def write_h5mu(mdata, tmp: Path) -> None:
+    mdata.write_h5mu(tmp, compression="gzip", compression_opts=4)
+    fsync_file(tmp)
+
+
+def read_h5mu(path: Path):
+    import mudata as md
+
+    if not path.is_file():
+        raise FormatError(f"integrated data {str(path)!r} is missing from the experiment folder")
+    try:
+        return md.read_h5mu(path)
+    except Exception as exc:
+        raise FormatError(f"integrated data {str(path)!r} cannot be read ({type(exc).__name__}: {exc})") from exc
+
+
+def remove_quietly(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,13 @@
+"""The README's demo command runs on the data shipped with the package."""
+from expkit import demo
+import expkit as ek
+
+
+def test_demo_runs(tmp_path, capsys):
+    out = demo.main(["--out", str(tmp_path)])
+    text = capsys.readouterr().out
+    assert "151673" in text and "demo finished" in text
+    expm = ek.load_experiment(out / "expm")
+    assert expm.spatial_bin.samples == ["151673", "151674"]
+    assert expm.spatial_bin["151673"].n_obs == 1207
+    assert expm.spatial_bin.integrated.n_obs == 1207 + 1244
