@@ -148,6 +148,27 @@ def test_qc_flags_from_database(monkeypatch, dlpfc_raw, human_ann):
     assert calls[-1] == "human" and a.uns["qc"]["n_ribo_genes"] == int(flags["ribo"].sum())
 
 
+def test_qc_with_gene_database(dlpfc_raw, mob_raw):
+    """The real expkit.database: flags by uid (DLPFC) and by symbol (MOB, var_names are symbols)."""
+    database = pytest.importorskip("expkit.database")
+    try:
+        hsa, mmu = database.genes("hsa"), database.genes("mmu")
+    except Exception as err:  # database files not built here
+        pytest.skip(f"gene database unavailable: {err}")
+    a = dlpfc(dlpfc_raw)
+    pp.qc(a, taxa="hsa")
+    ribo = np.asarray(a.var_names.map(hsa["ribo"]).fillna(False), dtype=bool)
+    assert a.uns["qc"]["n_ribo_genes"] == int(ribo.sum()) > 0
+    x = a.layers["counts"]
+    expect = 100 * np.asarray(x[:, ribo].sum(1, dtype=np.float64)).ravel() / np.asarray(x.sum(1)).ravel()
+    np.testing.assert_allclose(a.obs["qc.pct_ribo"], expect, rtol=1e-12)
+    x, obs, symbols = mob_raw
+    m = D.to_anndata(x, obs, symbols, symbols)
+    pp.qc(m, taxa="mmu")
+    by_symbol = mmu.groupby("gene")["ribo"].any()
+    assert m.uns["qc"]["n_ribo_genes"] == int(pd.Series(symbols).map(by_symbol).eq(True).sum()) > 50
+
+
 def test_qc_without_flags_warns(dlpfc_raw, caplog):
     a = dlpfc(dlpfc_raw)
     logging.getLogger("expkit").propagate = True
