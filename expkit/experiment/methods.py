@@ -12,6 +12,12 @@ ALL = None
 SPATIAL = ("spatial-bin", "spatial-cell")
 
 METHODS: dict[str, tuple[str, tuple[str, ...] | None, str]] = {
+    # preprocessing
+    "qc": ("expkit.pp:qc", ALL, "sample"),
+    "filter": ("expkit.pp:filter", ALL, "replace"),
+    "log_normalize": ("expkit.pp:log_normalize", ALL, "sample"),
+    "select_hvg": ("expkit.pp:select_hvg", ALL, "sample"),  # on the integrated data pass batch_key="batch"
+    "scale_pca": ("expkit.pp:scale_pca", ALL, "sample"),
     # markers and batch integration
     "markers": ("expkit.tl:markers", ALL, "sample"),
     "get_markers": ("expkit.tl:get_markers", ALL, "read"),
