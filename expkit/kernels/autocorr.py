@@ -175,43 +175,84 @@ def permutations(n: int, n_perms: int, seed: int) -> torch.Tensor:
     return torch.stack([torch.randperm(n, generator=gen) for _ in range(int(n_perms))])
 
 
+def _stacked_permuted_weights(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor,
+                              perms: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows of ``[W_p1; W_p2; ...]`` (B*n x n CSR) with W_p = the weights relabelled by permutation p.
+
+    Permuting the values, z_p = z[perm], gives z_p' W z_p = sum_ij w_ij z[perm_i] z[perm_j] = z' W_p z where
+    the edge (i, j) of W becomes (perm_i, perm_j). So one sparse product of the stacked relabelled weights
+    with the (unpermuted) values gives every permutation at once, without moving values.
+    """
+    b = perms.shape[0]
+    offs = (torch.arange(b, device=perms.device) * n)[:, None]
+    r = (perms[:, rows] + offs).reshape(-1)
+    c = perms[:, cols].reshape(-1)
+    wb = torch.sparse_coo_tensor(torch.stack([r, c]), vals.repeat(b), (b * n, n)).coalesce()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return wb.to_sparse_csr()
+
+
 def autocorr_permutation_scores(x, w: sp.spmatrix, device: torch.device, *, n_perms: int, seed: int,
                                 mode: str = "moran", chunk_bytes: int = _DEFAULT_CHUNK_BYTES) -> np.ndarray:
     """Scores of every column of ``x`` under ``n_perms`` random row permutations: ``(n_perms, g)``.
 
-    Permutation p uses ``permutations(n, n_perms, seed)[p]`` for every column, so results do not depend on
-    the device or on the chunking.
+    Permutation p moves the values by ``permutations(n, n_perms, seed)[p]`` (x_p = x[perm]) for every
+    column, so results do not depend on the device or on the chunking. Batches of permutations are one
+    product of the stacked relabelled weights with a chunk of centred values.
     """
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}, not {mode!r}")
     n, g = x.shape
+    n_perms = int(n_perms)
+    w = sp.coo_matrix(w, dtype=np.float64)
     s0 = float(w.sum())
-    wt = sparse_as_tensor(w, device)
+    rows = torch.as_tensor(w.row.astype(np.int64), device=device)
+    cols = torch.as_tensor(w.col.astype(np.int64), device=device)
+    vals = torch.as_tensor(w.data, dtype=torch.float64, device=device)
     rc = None
     if mode == "geary":
         rc_np = np.asarray(w.sum(axis=1)).ravel() + np.asarray(w.sum(axis=0)).ravel()
-        rc = torch.as_tensor(rc_np, dtype=torch.float64, device=device)[:, None]
+        rc = torch.as_tensor(rc_np, dtype=torch.float64, device=device)
     perms = permutations(n, n_perms, seed).to(device)
     get = _column_getter(x)
-    # dense pieces of a step: z (n x gc) and ~4 copies of the permuted block (n x B*gc)
-    step = _gene_chunk(n, g, chunk_bytes // 2, copies=4)
-    out = np.empty((int(n_perms), g))
+    # dense pieces of a step: z (n x gc) and the product / its elementwise product (2 x B*n x gc)
+    step = _gene_chunk(n, g, chunk_bytes // 4, copies=2)
+    batch = max(1, min(n_perms, (chunk_bytes // 2) // (n * 8 * 2 * step)))
+    # relabelled weights, kept across gene chunks when they fit in the budget (~24 bytes per entry)
+    keep = w.nnz * n_perms * 24 <= chunk_bytes
+    cache: dict[int, tuple] = {}
+
+    def batch_weights(p0: int, p1: int):
+        if p0 in cache:
+            return cache[p0]
+        pb = perms[p0:p1]
+        out_w = _stacked_permuted_weights(rows, cols, vals, pb, n)
+        out_rc = None
+        if rc is not None:  # sum_i rc_i z[perm_i]^2 = sum_a rc_p[a] z_a^2 with rc_p[perm_i] = rc_i
+            out_rc = torch.empty((p1 - p0, n), dtype=torch.float64, device=device)
+            out_rc.scatter_(1, pb, rc.expand(p1 - p0, n))
+        if keep:
+            cache[p0] = (out_w, out_rc)
+        return out_w, out_rc
+
+    out = np.empty((n_perms, g))
     for a in range(0, g, step):  # chunks of genes
         b = min(g, a + step)
         gc = b - a
         z = torch.as_tensor(get(a, b), device=device)
         z = z - z.mean(dim=0, keepdim=True)
         z2 = (z * z).sum(dim=0)
-        batch = max(1, min(int(n_perms), (chunk_bytes // 2) // (n * 8 * 4 * gc)))
-        for p0 in range(0, int(n_perms), batch):  # batches of permutations, one sparse product each
-            p1 = min(int(n_perms), p0 + batch)
-            bsz = p1 - p0
-            zp = z[perms[p0:p1].reshape(-1)].reshape(bsz, n, gc).permute(1, 0, 2).reshape(n, bsz * gc)
-            num = (zp * (wt @ zp)).sum(dim=0).reshape(bsz, gc)
+        for p0 in range(0, n_perms, batch):  # batches of permutations, one sparse product each
+            p1 = min(n_perms, p0 + batch)
+            wb, rcp = batch_weights(p0, p1)
+            num = ((wb @ z).view(p1 - p0, n, gc) * z[None]).sum(dim=1)
             if mode == "moran":
                 s = (n / s0) * num / z2
             else:
-                side = (rc * zp * zp).sum(dim=0).reshape(bsz, gc)
+                side = rcp @ (z * z)
                 s = (n - 1) / (2.0 * s0) * (side - 2.0 * num) / z2
             out[p0:p1, a:b] = s.cpu().numpy()
     return out
