@@ -13,7 +13,7 @@ import torch
 from scipy.sparse.csgraph import connected_components, shortest_path
 
 from _spatial_data import read_dlpfc, read_xenium
-from expkit.errors import InputError, KeyNotFoundError
+from expkit.errors import InputError, KeyNotFoundError, ResourceError
 from expkit.kernels import spatial_graph as K
 from expkit.spatial.graph import spatial_components, spatial_neighbors
 
@@ -150,6 +150,11 @@ def test_radius_graph_vs_brute_force(xenium):
     np.testing.assert_allclose(r_kd[2], r_bf[2], atol=1e-9)
 
 
+def test_radius_graph_too_large_raises_before_building(xenium):
+    with pytest.raises(ResourceError):
+        K.radius_edges(xenium.obsm["spatial"], 5000.0, CPU, max_bytes=1 << 30)
+
+
 def test_radius_graph_full_xenium_vs_squidpy(xenium):
     f = REF / "xenium_radius20_degree.tsv.gz"
     if not f.exists():
@@ -187,8 +192,12 @@ def test_library_key_block_diagonal(shared_data, kind):
         assert (blk != part.obsp["spatial.connectivities"]).nnz == 0
         blk_d = m.obsp["spatial.distances"][lo:hi, lo:hi]
         assert abs(blk_d - part.obsp["spatial.distances"]).max() < 1e-12
-    if kind != "grid":  # the two sections overlap in pixel space: without library_key edges cross
-        spatial_neighbors(m, **kw)
+    # library_key=None uses obs["sample"] of a merged AnnData by default
+    spatial_neighbors(m, **kw)
+    assert m.uns["spatial.neighbors"]["params"]["library_key"] == "sample"
+    assert (m.obsp["spatial.connectivities"] != g.tocsr()).nnz == 0
+    if kind != "grid":  # the two sections overlap in pixel space: in one library edges cross
+        spatial_neighbors(m, library_key=False, **kw)
         g2 = m.obsp["spatial.connectivities"].tocoo()
         assert np.any(lib[g2.row] != lib[g2.col])
     with pytest.raises(KeyNotFoundError):

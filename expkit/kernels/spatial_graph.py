@@ -14,7 +14,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, ResourceError
 
 # Visium array coordinates are "doubled": a spot's hexagonal neighbours are (r, c +- 2) and (r +- 1, c +- 1)
 HEX_OFFSETS = np.array([(0, -2), (0, 2), (-1, -1), (-1, 1), (1, -1), (1, 1)], dtype=np.int64)
@@ -89,14 +89,26 @@ def knn_edges(coords: np.ndarray, k: int, device: torch.device, **kw):
 
 
 def radius_edges(coords: np.ndarray, r_max: float, device: torch.device, *, r_min: float = 0.0,
-                 method: str = "auto", chunk_bytes: int = _DEFAULT_CHUNK_BYTES):
-    """All ordered pairs ``i != j`` with ``r_min <= |x_i - x_j| <= r_max``, sorted by (row, col)."""
+                 method: str = "auto", chunk_bytes: int = _DEFAULT_CHUNK_BYTES, max_bytes: int = 8 << 30):
+    """All ordered pairs ``i != j`` with ``r_min <= |x_i - x_j| <= r_max``, sorted by (row, col).
+
+    Raises :class:`~expkit.errors.ResourceError` before building when the graph (estimated from the
+    neighbour counts of a sample of points) would exceed ``max_bytes``.
+    """
+    from scipy.spatial import cKDTree
+
     coords = np.ascontiguousarray(coords, dtype=np.float64)
     n = coords.shape[0]
+    tree = cKDTree(coords)
+    # estimate the number of edges from a sample of points before building them
+    probe = np.random.default_rng(0).choice(n, min(n, 2000), replace=False) if n else np.zeros(0, int)
+    if probe.size:
+        mean_deg = float(np.mean(tree.query_ball_point(coords[probe], float(r_max), return_length=True))) - 1
+        est = mean_deg * n * 40  # bytes: edge arrays here and the two sparse matrices built from them
+        if est > max_bytes:
+            raise ResourceError(f"a radius graph with radius {r_max} would hold about {mean_deg:.0f} neighbours "
+                                f"per point ({est / 2**30:.1f} GiB for {n} points); use a smaller radius")
     if not _use_brute(device, method):
-        from scipy.spatial import cKDTree
-
-        tree = cKDTree(coords)
         pairs = tree.sparse_distance_matrix(tree, float(r_max), output_type="ndarray")
         rows = pairs["i"].astype(np.int64)
         cols = pairs["j"].astype(np.int64)

@@ -45,6 +45,19 @@ def _radius_bounds(radius) -> tuple[float, float]:
     return lo, hi
 
 
+def _resolve_library_key(adata, library_key):
+    """None: obs['sample'] when it holds several samples (a merged AnnData), else one library; False: one."""
+    if library_key is False:
+        return None
+    if library_key is None:
+        if "sample" in adata.obs and adata.obs["sample"].nunique(dropna=True) > 1:
+            logger.info("spatial_neighbors: obs['sample'] holds several samples: building one graph per "
+                        "sample (library_key='sample'; pass library_key=False to link across samples)")
+            return "sample"
+        return None
+    return library_key
+
+
 def _library_groups(adata, library_key):
     n = adata.n_obs
     if library_key is None:
@@ -63,7 +76,7 @@ def _library_groups(adata, library_key):
 def spatial_neighbors(adata, *, coord_type: str | None = None, n_rings: int = 1, n_neighs: int = 6,
                       radius: float | tuple[float, float] | None = None, spatial_key: str = "spatial",
                       array_key: str | None = "spatial.array", grid_source: str = "auto",
-                      library_key: str | None = None, key_added: str = "spatial", set_diag: bool = False,
+                      library_key: str | None | bool = None, key_added: str = "spatial", set_diag: bool = False,
                       use_gpu: bool = False) -> dict:
     """Build the spatial neighbour graph of the observations.
 
@@ -91,7 +104,9 @@ def spatial_neighbors(adata, *, coord_type: str | None = None, n_rings: int = 1,
         ``"auto"``: array when available and ``n_neighs`` is 4, 6 or 8, else coords.
     library_key
         ``obs`` column naming the sample/section of each observation: graphs are built per library and
-        never link two libraries (block-diagonal result).
+        never link two libraries (block-diagonal result). ``None``: ``"sample"`` when ``obs["sample"]``
+        holds more than one sample (a merged AnnData), else a single library; ``False``: a single library
+        even then.
     set_diag
         Put ones on the diagonal of the connectivities.
     use_gpu
@@ -136,6 +151,7 @@ def spatial_neighbors(adata, *, coord_type: str | None = None, n_rings: int = 1,
     else:
         array_all = np.asarray(adata.obsm[array_key])[:, :2]
 
+    library_key = _resolve_library_key(adata, library_key)
     device = resolve_device(use_gpu)
     n = adata.n_obs
     all_r, all_c, all_d = [], [], []
