@@ -226,3 +226,25 @@ def test_permutation_kernel_equals_permuted_values(dlpfc, mode):
     perms = K.permutations(dlpfc.n_obs, 12, 5).numpy()
     direct = np.stack([K.autocorr_scores(x[p], w, CPU, mode=mode)["score"] for p in perms])
     np.testing.assert_allclose(sims, direct, rtol=1e-9, atol=1e-12)
+
+
+def test_input_not_modified(dlpfc):
+    """X with unsorted column indices (as products and slices leave them) must come back untouched."""
+    a = dlpfc[:, :300].copy()
+    x = sp.csr_matrix(a.X, dtype=np.float32, copy=True)
+    # reverse the order of the stored entries within every row: same matrix, unsorted indices
+    order = np.concatenate([np.arange(x.indptr[i + 1] - 1, x.indptr[i] - 1, -1) for i in range(x.shape[0])])
+    x = sp.csr_matrix((x.data[order], x.indices[order], x.indptr), shape=x.shape)
+    x.has_sorted_indices = False
+    a.X = x
+    before = (x.data.copy(), x.indices.copy(), x.indptr.copy())
+    w_before = a.obsp["spatial.connectivities"].copy()
+    d1 = spatial_autocorr(a, mode="moran")
+    d2 = spatial_autocorr(a, mode="geary")
+    for arr, ref in zip((a.X.data, a.X.indices, a.X.indptr), before):
+        np.testing.assert_array_equal(arr, ref)
+    assert (a.obsp["spatial.connectivities"] != w_before).nnz == 0
+    ref = spatial_autocorr(dlpfc[:, :300].copy(), mode="moran")
+    np.testing.assert_allclose(d1.loc[ref.index, "I"], ref["I"], rtol=1e-10)
+    dense = K.autocorr_scores(x.toarray(), K.row_normalize(w_before), CPU, mode="geary")["score"]
+    np.testing.assert_allclose(d2.loc[a.var_names, "C"], dense, rtol=1e-10)

@@ -91,30 +91,33 @@ def _gene_chunk(n: int, g: int, chunk_bytes: int, copies: int) -> int:
 def _scores_sparse(x, w: sp.csr_matrix, mode: str) -> dict[str, np.ndarray]:
     """The statistics of a sparse ``x`` without densifying it (CPU, scipy).
 
-    With z = x - mu: z'Wz = x'Wx - mu (r + c)'x + mu^2 S0, and the sums of z^2 and z^4 are taken over the
-    stored entries plus (n - nnz) mu^k for the implicit zeros (no cancellation).
+    With z = x - mu: z'Wz = x'Wx - mu (r + c)'x + mu^2 S0, where x'Wx = sum over stored entries of
+    x * (W x) (one sparse-sparse product, CSR throughout); the sums of z^2 and z^4 are taken over the stored
+    entries plus (n - nnz) mu^k for the implicit zeros (no cancellation).
     """
     n, g = x.shape
-    xc = sp.csc_matrix(x, dtype=np.float64)
-    xc.sum_duplicates()
+    # a private copy: scipy shares index arrays on dtype conversion, and sum_duplicates sorts in place
+    xr = sp.csr_matrix(x, dtype=np.float64, copy=True)
+    xr.sum_duplicates()
     s0 = float(w.sum())
     rc = np.asarray(w.sum(axis=1)).ravel() + np.asarray(w.sum(axis=0)).ravel()
-    mu = np.asarray(xc.sum(axis=0)).ravel() / n
-    wx = (w @ xc).tocsc()
-    xwx = np.asarray(xc.multiply(wx).sum(axis=0)).ravel()
-    num = xwx - mu * (rc @ xc) + mu * mu * s0
-    col = np.repeat(np.arange(g), np.diff(xc.indptr))
-    dev = xc.data - mu[col]
-    n_zero = n - np.diff(xc.indptr)
-    z2 = np.bincount(col, dev * dev, minlength=g) + n_zero * mu ** 2
-    z4 = np.bincount(col, dev ** 4, minlength=g) + n_zero * mu ** 4
+    mu = np.asarray(xr.sum(axis=0)).ravel() / n
+    xwx = np.asarray(xr.multiply(w @ xr).sum(axis=0)).ravel()
+    num = xwx - mu * (rc @ xr) + mu * mu * s0
+    col = xr.indices
+    dev = xr.data - mu[col]
+    dev2 = dev * dev
+    n_zero = n - np.bincount(col, minlength=g)
+    z2 = np.bincount(col, dev2, minlength=g) + n_zero * mu ** 2
+    z4 = np.bincount(col, dev2 * dev2, minlength=g) + n_zero * mu ** 4
     with np.errstate(invalid="ignore", divide="ignore"):
         if mode == "moran":
             score = (n / s0) * num / z2
         else:
             # sum_i rc_i z_i^2 over stored entries and implicit zeros
-            side = np.bincount(col, rc[xc.indices] * dev * dev, minlength=g)
-            rc_nz = np.bincount(col, rc[xc.indices], minlength=g)
+            rc_e = rc[np.repeat(np.arange(n), np.diff(xr.indptr))]
+            side = np.bincount(col, rc_e * dev2, minlength=g)
+            rc_nz = np.bincount(col, rc_e, minlength=g)
             side += (rc.sum() - rc_nz) * mu ** 2
             score = (n - 1) / (2.0 * s0) * (side - 2.0 * num) / z2
     score[z2 <= 0] = np.nan

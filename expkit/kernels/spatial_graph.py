@@ -207,7 +207,7 @@ def rings(adj: sp.spmatrix, n_rings: int) -> sp.csr_matrix:
     Entry (i, j) is the number of steps of the shortest path from i to j when it is at most ``n_rings``;
     the diagonal is empty.
     """
-    a = sp.csr_matrix(adj, dtype=np.float64)
+    a = sp.csr_matrix(adj, dtype=np.float64, copy=True)
     a.data[:] = 1.0
     n = a.shape[0]
     reached = (a + sp.identity(n, format="csr")).tocsr()
