@@ -22,6 +22,10 @@ METHODS: dict[str, tuple[str, tuple[str, ...] | None, str]] = {
     "markers": ("expkit.tl:markers", ALL, "sample"),
     "get_markers": ("expkit.tl:get_markers", ALL, "read"),
     "integrate": ("expkit.tl:integrate", ALL, "sample"),  # usually run_on_samples=None (the integrated data)
+    # spatial graphs and statistics
+    "spatial_neighbors": ("expkit.spatial:spatial_neighbors", SPATIAL, "sample"),
+    "spatial_components": ("expkit.spatial:spatial_components", SPATIAL, "sample"),
+    "spatial_autocorr": ("expkit.spatial:spatial_autocorr", SPATIAL, "sample"),
     # images and plots
     "get_image": ("expkit.io.images:get_image", SPATIAL, "read"),
     "plot_spatial": ("expkit.pl.spatial:plot_spatial", SPATIAL, "joint-read"),
