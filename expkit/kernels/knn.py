@@ -260,6 +260,19 @@ def fuzzy_simplicial_set(indices, dists, n_neighbors: int | None = None, *,
     return G, sigma, rho
 
 
+def graph_distances32(dists, metric: str = "euclidean") -> np.ndarray:
+    """The float32 distances the fuzzy set is built from.
+
+    Euclidean: ``sqrt`` in float32 of the float32 squared distance, the rounding of scikit-learn's brute kNN
+    that scanpy feeds to UMAP. The smooth-kNN bisection stops at ``|psum - log2 k| < 1e-5``, so one ulp in a
+    distance can move sigma by ~1e-3 relative; the same rounding gives the same graph.
+    """
+    d = np.asarray(dists, dtype=np.float64)
+    if metric == "euclidean":
+        return np.sqrt((d * d).astype(np.float32))
+    return d.astype(np.float32)
+
+
 def knn_distance_matrix(indices, dists, n: int | None = None, *, keep_self: bool = False) -> sp.csr_matrix:
     """The directed kNN distance graph (float64 CSR, row i holds i's neighbours), self edges dropped."""
     indices = np.asarray(indices)

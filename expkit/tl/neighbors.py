@@ -63,7 +63,7 @@ def knn(adata, *, n_neighbors: int = 30, use_rep: str | None = "pca", n_pcs: int
         raise InputError(f"n_neighbors must be in [2, n_obs={n}], got {n_neighbors}")
     device = resolve_device(use_gpu)
     idx, dist = _knn.knn_exact(X, n_neighbors, metric=metric, device=device, memory_budget=memory_budget)
-    conn, _, _ = _knn.fuzzy_simplicial_set(idx, dist, n_neighbors, device=device)
+    conn, _, _ = _knn.fuzzy_simplicial_set(idx, _knn.graph_distances32(dist, metric), n_neighbors, device=device)
     dmat = _knn.knn_distance_matrix(idx, dist, n)
     keys = _keys(key_added)
     adata.obsm[keys["knn"]] = idx.astype(np.int32)

@@ -6,12 +6,17 @@ from the project's venv, appended at the end of sys.path, when the peers venv la
     OMP_NUM_THREADS=1 /work/peers/.venv/bin/python tests/reference/make_scanpy_nn_refs.py [/path/to/shared/data]
 
 Per dataset (DLPFC 151673, Xenium mouse brain) on the fixed PCA of tests/reference/nn_inputs.py:
-``sc.pp.neighbors(method="umap", n_neighbors=15, use_rep="X_pca")`` with exact brute-force kNN (scanpy's
-dense path below 8,192 cells, ``transformer="sklearn"`` above), ``sc.tl.leiden(flavor="leidenalg",
+``sc.pp.neighbors(method="umap", n_neighbors=15, use_rep="X_pca")`` with exact brute-force kNN (scikit-learn's
+KNeighborsTransformer: scanpy's default below 8,192 cells, ``transformer="sklearn"`` above), ``sc.tl.leiden(flavor="leidenalg",
 resolution=1, random_state=0)`` and ``sc.tl.umap(min_dist=0.5, random_state=0)``. Stored (small): a
-checksum of the input, the kNN indices (all rows for DLPFC, every 20th row for Xenium), the kNN distances
-and connectivity rows of a subset of rows, the connectivities' row sums, nnz and total, the Leiden labels,
-and the UMAP's trustworthiness and kNN preservation (Xenium: on a stored subset of 4,000 cells).
+checksum of the input, the kNN indices (all rows for DLPFC, every 20th row for Xenium), the kNN distances,
+connectivity rows and row sums of every 8th (DLPFC) / 40th (Xenium) row, the connectivities' nnz and
+total, the Leiden labels, and the UMAP's trustworthiness and kNN preservation (Xenium: on a stored subset
+of 4,000 cells).
+
+Note: the connectivities are copied right after ``sc.pp.neighbors``: ``sc.tl.umap`` prunes
+``obsp['connectivities']`` in place (umap-learn zeroes the edges below max/n_epochs of the COO view it
+gets, whose data array is shared with the CSR matrix).
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ except ImportError:
 
 import anndata as ad  # noqa: E402
 import scanpy as sc  # noqa: E402
+import umap  # noqa: E402
 
 import nn_inputs as N  # noqa: E402
 
@@ -57,10 +63,11 @@ def main(shared: Path) -> None:
         kw = {"transformer": "sklearn"} if n >= 8192 else {}
         sc.pp.neighbors(adata, n_neighbors=K, use_rep="X_pca", method="umap", **kw)
         t_nn = time.time() - t0
+        # copies now: sc.tl.umap zeroes edges below max/n_epochs of obsp['connectivities'] in place
+        C = adata.obsp["connectivities"].tocsr().copy()
+        D = adata.obsp["distances"].tocsr().copy()
         sc.tl.leiden(adata, resolution=1.0, random_state=0, flavor="leidenalg")
         sc.tl.umap(adata, min_dist=0.5, random_state=0)
-        C = adata.obsp["connectivities"].tocsr()
-        D = adata.obsp["distances"].tocsr()
         # kNN indices with self at column 0 (scanpy's distances hold the k-1 others per row)
         idx = np.empty((n, K), dtype=np.int64)
         dist = np.empty((n, K), dtype=np.float64)
@@ -78,18 +85,18 @@ def main(shared: Path) -> None:
             trows = np.sort(np.random.default_rng(0).choice(n, n_trust, replace=False))
         tw = N.trust(P, Y, trows, K)
         kp = N.knn_preservation(P, Y, trows, K)
-        labels = adata.obs["leiden"].cat.codes.to_numpy().astype(np.int16)
+        labels = adata.obs["leiden"].cat.codes.to_numpy().astype(np.int8)
         np.savez_compressed(
             OUT / f"{name}.npz",
             n=n, k=K, pca_head=P[:5], pca_abssum=np.abs(P.astype(np.float64)).sum(0),
             knn_rows=krows.astype(np.uint32), knn_idx=idx[krows].astype(np.uint16),
             dist_rows=crows.astype(np.uint32), knn_dist=dist[crows].astype(np.float32),
             conn_indptr=sub.indptr.astype(np.uint32), conn_indices=sub.indices.astype(np.uint16),
-            conn_data=sub.data.astype(np.float32), conn_rowsum=np.asarray(C.sum(1)).ravel().astype(np.float32),
-            conn_nnz=C.nnz, conn_total=float(C.sum()), n_components=adata.uns["neighbors"].get("connected_components", -1),
+            conn_data=sub.data.astype(np.float32), conn_rowsum=np.asarray(sub.sum(1)).ravel().astype(np.float32),
+            conn_nnz=C.nnz, conn_total=float(C.sum(dtype=np.float64)),
             leiden=labels, trust=tw, knn_pres=kp,
             trust_rows=(np.arange(n) if trows is None else trows).astype(np.uint32),
-            versions=np.array([f"scanpy {sc.__version__}", f"anndata {ad.__version__}",
+            versions=np.array([f"scanpy {sc.__version__}", f"umap-learn {umap.__version__}",
                                f"numpy {np.__version__}"]),
         )
         print(f"{name}: n={n} neighbors {t_nn:.1f}s total {time.time() - t0:.1f}s, leiden "

@@ -1,0 +1,112 @@
+"""Neighbour-graph benchmark: kNN + fuzzy graph, Leiden, UMAP on the Xenium brain and DLPFC 151673.
+
+    python benchmarks/neighbors.py [--gpu] [--sets xenium,dlpfc]
+
+Each step prints wall time and peak resident memory above the start (benchmarks/_util.measure); with
+``--gpu`` also the peak CUDA memory. scanpy's steps run next to expkit's in the same process when scanpy
+is importable (e.g. ``/work/peers/.venv/bin/python benchmarks/neighbors.py``; set ``BENCH_EXTRA_SITE`` to
+a site-packages folder appended to sys.path for missing igraph/leidenalg). Input: the fixed PCA of
+tests/reference/nn_inputs.py (50 components), n_neighbors=15, exact kNN on both sides.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests" / "reference"))
+if os.environ.get("BENCH_EXTRA_SITE"):
+    sys.path.append(os.environ["BENCH_EXTRA_SITE"])
+
+import anndata as ad  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks._util import SHARED, max_rss_mb, measure  # noqa: E402
+
+import expkit as ek  # noqa: E402
+import nn_inputs as N  # noqa: E402
+
+ek.settings.progress = False
+logging.getLogger("expkit").setLevel(logging.WARNING)
+K = 15
+
+try:
+    import scanpy as sc
+except ImportError:  # pragma: no cover - CI has no scanpy
+    sc = None
+
+
+def _adata(P, barcodes):
+    a = ad.AnnData(obs={"barcode": barcodes})
+    a.obs_names = barcodes
+    a.obsm["pca"] = P
+    a.obsm["X_pca"] = P
+    return a
+
+
+def expkit_steps(use_gpu: bool):
+    import expkit.tl as tl
+
+    return [
+        ("expkit knn (exact) + fuzzy graph", lambda a: tl.knn(a, n_neighbors=K, use_rep="pca", use_gpu=use_gpu)),
+        ("expkit leiden", lambda a: tl.leiden(a, seed=0)),
+        ("expkit umap", lambda a: tl.umap(a, seed=0, use_gpu=use_gpu)),
+    ]
+
+
+def scanpy_steps():
+    if sc is None:
+        return []
+    steps = [("scanpy neighbors (exact, umap)", lambda a: sc.pp.neighbors(
+        a, n_neighbors=K, use_rep="X_pca", method="umap", **({"transformer": "sklearn"} if a.n_obs >= 8192 else {}),
+        key_added="sc"))]
+    try:
+        import leidenalg  # noqa: F401
+
+        steps.append(("scanpy leiden (leidenalg)", lambda a: sc.tl.leiden(
+            a, random_state=0, flavor="leidenalg", neighbors_key="sc", key_added="sc.leiden")))
+    except ImportError:
+        print("(scanpy leiden skipped: leidenalg not importable)")
+    steps.append(("scanpy umap", lambda a: sc.tl.umap(a, random_state=0, neighbors_key="sc")))
+    return steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--sets", default="xenium,dlpfc")
+    args = p.parse_args()
+    import torch
+
+    for name in args.sets.split(","):
+        P, barcodes = N.pca_input(SHARED, name)
+        print(f"\n== {name}: {P.shape[0]} x {P.shape[1]} (PCA), n_neighbors={K}, torch threads "
+              f"{torch.get_num_threads()}")
+        adata = _adata(P, barcodes)
+        for label, step in expkit_steps(args.gpu) + scanpy_steps():
+            if args.gpu and torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            with measure(label) as info:
+                out = step(adata)
+                if isinstance(out, dict) and "n_clusters" in out:
+                    info["clusters"] = out["n_clusters"]
+            if args.gpu and torch.cuda.is_available() and label.startswith("expkit"):
+                print(f"{'':<48} cuda peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+        if sc is not None and "sc.leiden" in adata.obs:
+            from sklearn.metrics import adjusted_rand_score
+
+            print(f"leiden ARI expkit vs scanpy: {adjusted_rand_score(adata.obs['leiden'], adata.obs['sc.leiden']):.3f}")
+        if sc is not None and "X_umap" in adata.obsm:
+            rows = None if adata.n_obs <= 5000 else np.sort(np.random.default_rng(0).choice(adata.n_obs, 4000,
+                                                                                           replace=False))
+            print(f"umap trustworthiness (k={K}{'' if rows is None else ', 4000 cells'}): expkit "
+                  f"{N.trust(P, adata.obsm['umap'], rows, K):.4f}  scanpy {N.trust(P, adata.obsm['X_umap'], rows, K):.4f}")
+    print(f"\nprocess peak RSS: {max_rss_mb():.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
