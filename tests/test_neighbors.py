@@ -74,12 +74,12 @@ def _check_knn(adata, ref):
 
 
 def _check_connectivities(adata, ref):
-    """Same graph as scanpy's: same sparsity, >= 99% of entries and row sums to rtol 1e-5, all to 1e-2.
+    """Same graph as scanpy's: same sparsity, every stored entry and row sum equal to rtol 1e-5.
 
-    Exact agreement everywhere is not a property scanpy has itself: the smooth-kNN bisection stops at
-    |psum - log2 k| < 1e-5, so a last-bit change of one kNN distance (BLAS-dependent in scikit-learn's
-    float32 path) moves that point's sigma by up to ~1e-3; two scanpy runs differ so in a few rows.
-    Returns (fraction of entries within 1e-5, max relative difference).
+    The smooth-kNN bisection stops at |psum - log2 k| < 1e-5, so sigma is sensitive to the last bit of the
+    float32 distances; expkit feeds the graph scikit-learn's rounding (float32 sqrt of float32 squared
+    distances), which is what makes this exact comparison possible. Entries touching exact duplicate
+    points are left out (tie order). Returns the max relative difference of the others.
     """
     C = adata.obsp["connectivities"]
     assert sp.issparse(C) and C.dtype == np.float32 and C.format == "csr"
@@ -94,12 +94,16 @@ def _check_connectivities(adata, ref):
     R.sort_indices()
     assert (sub.indptr == R.indptr).all() and (sub.indices == R.indices).all()
     rel = np.abs(sub.data.astype(np.float64) - R.data) / np.abs(R.data)
-    within = float((rel <= 1e-5).mean())
-    assert within >= 0.99 and rel.max() <= 1e-2, (within, rel.max())
-    rs = np.asarray(sub.sum(1)).ravel()
-    assert (np.abs(rs - ref["conn_rowsum"]) <= 1e-5 * ref["conn_rowsum"]).mean() >= 0.99
+    # exact duplicates (a non-self neighbour at distance 0) make the kNN order among them arbitrary in
+    # scanpy (scikit-learn may list a duplicate before the point itself); skip entries touching them
+    dup = adata.obsm["knn.d"][:, 1] == 0
+    touch = dup[rows][np.repeat(np.arange(len(rows)), np.diff(sub.indptr))] | dup[sub.indices]
+    assert touch.mean() <= 0.01
+    assert rel[~touch].max() <= 1e-5, rel[~touch].max()
+    clean = ~np.add.reduceat(touch, sub.indptr[:-1]).astype(bool) if len(rows) else np.zeros(0, bool)
+    np.testing.assert_allclose(np.asarray(sub.sum(1)).ravel()[clean], ref["conn_rowsum"][clean], rtol=1e-5)
     np.testing.assert_allclose(adata.obsm["knn.d"][rows], ref["knn_dist"], rtol=1e-5, atol=1e-6)
-    return within, float(rel.max())
+    return float(rel[~touch].max())
 
 
 def _ari(a, b):
@@ -266,3 +270,26 @@ def test_gpu_matches_cpu(shared_data):
     tg = N.trust(gpu.obsm["pca"], gpu.obsm["umap"], None, K)
     tc = N.trust(cpu.obsm["pca"], cpu.obsm["umap.cpu"], None, K)
     assert abs(tg - tc) < 0.02
+
+
+def test_umap_disconnected_graph_and_registry_contract():
+    """A graph of several components gets a spectral start per component; the layout stays finite."""
+    import anndata as ad
+
+    import expkit.tl as tl
+
+    rng = np.random.default_rng(0)
+    X = np.vstack([rng.normal(size=(150, 5)), rng.normal(size=(100, 5)) + 50, rng.normal(size=(8, 5)) - 50])
+    adata = ad.AnnData(obs={"i": np.arange(len(X))})
+    adata.obsm["pca"] = X
+    out = tl.knn(adata, n_neighbors=6)
+    assert out["n_components"] == 3
+    tl.umap(adata, n_epochs=60, seed=1)
+    Y = adata.obsm["umap"]
+    assert np.isfinite(Y).all()
+    lab = np.repeat([0, 1, 2], [150, 100, 8])
+    from sklearn.metrics import silhouette_score
+
+    assert silhouette_score(Y, lab) > 0.5
+    res = tl.leiden(adata, resolution=0.1, seed=0)
+    assert res["n_clusters"] >= 3

@@ -32,9 +32,11 @@ def leiden(adata, *, resolution: float = 1.0, seed: int | None = None, n_iterati
         from scipy.sparse import triu
 
         W = triu(W, k=0).tocsr()
-    src, dst = W.nonzero()
-    weights = np.asarray(W[src, dst]).ravel().astype(np.float64)
-    g = ig.Graph(n=W.shape[0], edges=np.column_stack([src, dst]).tolist(), directed=directed)
+    W.eliminate_zeros()
+    W.sort_indices()
+    coo = W.tocoo()  # row-major order of the stored entries
+    src, dst, weights = coo.row, coo.col, coo.data.astype(np.float64)
+    g = ig.Graph(n=W.shape[0], edges=np.column_stack([src, dst]).astype(np.int64).tolist(), directed=directed)
     kw = {"resolution_parameter": float(resolution), "n_iterations": int(n_iterations), "seed": seed}
     if use_weights:
         kw["weights"] = weights
