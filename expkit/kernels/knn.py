@@ -79,8 +79,9 @@ def knn_exact(X, k: int, *, metric: str = "euclidean", device: torch.device | No
         raise InputError(f"n_neighbors={k} must be between 1 and the number of observations ({n})")
     extra = min(max(8, k // 2) if extra is None else extra, n - k)
     kc = k + extra
-    # per query row: the float32 block (4n) and topk's work space (~4n)
-    chunk = chunk_rows(n, bytes_per_row=8 * n, budget=memory_budget)
+    # per query row: the float32 block (4n), topk's work space (~4n) and the candidates' exact distances
+    # (two kc x p float64 temporaries)
+    chunk = chunk_rows(n, bytes_per_row=8 * n + 16 * kc * X.shape[1], budget=memory_budget)
 
     X64 = torch.as_tensor(X, dtype=torch.float64, device=device)
     X32 = X64.to(torch.float32)
@@ -121,7 +122,7 @@ def knn_exact(X, k: int, *, metric: str = "euclidean", device: torch.device | No
             unsure = torch.zeros(stop - start, dtype=torch.bool, device=device)
         if bool(unsure.any()):
             bad = torch.nonzero(unsure).flatten()
-            sub = chunk_rows(n, bytes_per_row=32 * n, budget=memory_budget)
+            sub = chunk_rows(n, bytes_per_row=32 * n + 16 * kc * p, budget=memory_budget)
             for s in range(0, bad.numel(), sub):
                 b = bad[s:s + sub]
                 qi = rows[b]
