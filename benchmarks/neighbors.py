@@ -6,7 +6,8 @@ Each step prints wall time and peak resident memory above the start (benchmarks/
 ``--gpu`` also the peak CUDA memory. scanpy's steps run next to expkit's in the same process when scanpy
 is importable (e.g. ``/work/peers/.venv/bin/python benchmarks/neighbors.py``; set ``BENCH_EXTRA_SITE`` to
 a site-packages folder appended to sys.path for missing igraph/leidenalg). Input: the fixed PCA of
-tests/reference/nn_inputs.py (50 components), n_neighbors=15, exact kNN on both sides.
+tests/reference/nn_inputs.py (50 components), n_neighbors=15, exact kNN on both sides. Steps are the
+``STEPS`` list of ``(name, expkit_fn, scanpy_fn)``, each fn taking ``(adata, ctx)``.
 """
 from __future__ import annotations
 
@@ -48,31 +49,45 @@ def _adata(P, barcodes):
     return a
 
 
-def expkit_steps(use_gpu: bool):
+def _e_knn(a, ctx):
     import expkit.tl as tl
 
-    return [
-        ("expkit knn (exact) + fuzzy graph", lambda a: tl.knn(a, n_neighbors=K, use_rep="pca", use_gpu=use_gpu)),
-        ("expkit leiden", lambda a: tl.leiden(a, seed=0)),
-        ("expkit umap", lambda a: tl.umap(a, seed=0, use_gpu=use_gpu)),
-    ]
+    return tl.knn(a, n_neighbors=K, use_rep="pca", use_gpu=ctx["use_gpu"])
 
 
-def scanpy_steps():
-    if sc is None:
-        return []
-    steps = [("scanpy neighbors (exact, umap)", lambda a: sc.pp.neighbors(
-        a, n_neighbors=K, use_rep="X_pca", method="umap", **({"transformer": "sklearn"} if a.n_obs >= 8192 else {}),
-        key_added="sc"))]
-    try:
-        import leidenalg  # noqa: F401
+def _e_leiden(a, ctx):
+    import expkit.tl as tl
 
-        steps.append(("scanpy leiden (leidenalg)", lambda a: sc.tl.leiden(
-            a, random_state=0, flavor="leidenalg", neighbors_key="sc", key_added="sc.leiden")))
-    except ImportError:
-        print("(scanpy leiden skipped: leidenalg not importable)")
-    steps.append(("scanpy umap", lambda a: sc.tl.umap(a, random_state=0, neighbors_key="sc")))
-    return steps
+    return tl.leiden(a, seed=0)
+
+
+def _e_umap(a, ctx):
+    import expkit.tl as tl
+
+    return tl.umap(a, seed=0, use_gpu=ctx["use_gpu"])
+
+
+def _s_knn(a, ctx):
+    kw = {"transformer": "sklearn"} if a.n_obs >= 8192 else {}  # exact kNN on both sides
+    sc.pp.neighbors(a, n_neighbors=K, use_rep="X_pca", method="umap", key_added="sc", **kw)
+
+
+def _s_leiden(a, ctx):
+    import leidenalg  # noqa: F401  (scanpy's flavour; ImportError skips the step)
+
+    sc.tl.leiden(a, random_state=0, flavor="leidenalg", neighbors_key="sc", key_added="sc.leiden")
+
+
+def _s_umap(a, ctx):
+    sc.tl.umap(a, random_state=0, neighbors_key="sc")
+
+
+# (name, expkit fn, scanpy fn); fns take (adata, ctx) like benchmarks/preprocess.py's Step
+STEPS = [
+    ("knn + fuzzy graph (exact, k=15)", _e_knn, _s_knn),
+    ("leiden (RBConfiguration, resolution 1)", _e_leiden, _s_leiden),
+    ("umap (min_dist 0.5)", _e_umap, _s_umap),
+]
 
 
 def main() -> None:
@@ -87,13 +102,21 @@ def main() -> None:
         print(f"\n== {name}: {P.shape[0]} x {P.shape[1]} (PCA), n_neighbors={K}, torch threads "
               f"{torch.get_num_threads()}")
         adata = _adata(P, barcodes)
-        for label, step in expkit_steps(args.gpu) + scanpy_steps():
+        ctx = {"dataset": name, "use_gpu": args.gpu}
+        runs = [("expkit " + n, e) for n, e, _ in STEPS]
+        if sc is not None:
+            runs += [("scanpy " + n, f) for n, _, f in STEPS]
+        for label, step in runs:
             if args.gpu and torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            with measure(label) as info:
-                out = step(adata)
-                if isinstance(out, dict) and "n_clusters" in out:
-                    info["clusters"] = out["n_clusters"]
+            try:
+                with measure(label) as info:
+                    out = step(adata, ctx)
+                    if isinstance(out, dict) and "n_clusters" in out:
+                        info["clusters"] = out["n_clusters"]
+            except ImportError as err:
+                print(f"{label}: skipped ({err})")
+                continue
             if args.gpu and torch.cuda.is_available() and label.startswith("expkit"):
                 print(f"{'':<48} cuda peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
         if sc is not None and "sc.leiden" in adata.obs:

@@ -1,7 +1,7 @@
 """expkit.tl.knn / leiden / umap on real data, against scanpy reference values.
 
 Inputs: the fixed PCA of tests/reference/nn_inputs.py (DLPFC 151673, Xenium mouse brain). References:
-tests/data/scanpy_ref/{dlpfc,xenium}.npz, made by tests/reference/make_scanpy_nn_refs.py with scanpy's
+tests/data/scanpy_ref/nn_{dlpfc151673,xenium_mouse_brain}.npz, made by tests/reference/make_scanpy_nn_refs.py with scanpy's
 ``pp.neighbors(method="umap")`` on exact kNN, ``tl.leiden(flavor="leidenalg")`` and ``tl.umap``.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ sys.path.insert(0, str(HERE / "reference"))
 import nn_inputs as N  # noqa: E402
 
 REF = HERE / "data" / "scanpy_ref"
+FIXTURES = {"dlpfc": "nn_dlpfc151673.npz", "xenium": "nn_xenium_mouse_brain.npz"}
 K = 15
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -28,7 +29,7 @@ torch.set_num_threads(1)
 
 
 def _ref(name: str) -> dict:
-    path = REF / f"{name}.npz"
+    path = REF / FIXTURES[name]
     if not path.is_file():
         pytest.skip(f"reference fixture {path} missing (run tests/reference/make_scanpy_nn_refs.py)")
     with np.load(path) as z:

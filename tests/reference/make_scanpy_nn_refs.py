@@ -1,4 +1,4 @@
-"""Make the scanpy reference fixtures of tests/test_neighbors.py (tests/data/scanpy_ref/*.npz).
+"""Make the scanpy reference fixtures of tests/test_neighbors.py (tests/data/scanpy_ref/nn_*.npz).
 
 Run from the project root with the peers environment (scanpy, umap-learn; igraph + leidenalg are taken
 from the project's venv, appended at the end of sys.path, when the peers venv lacks them):
@@ -45,6 +45,7 @@ import umap  # noqa: E402
 import nn_inputs as N  # noqa: E402
 
 K = 15
+FILES = {"dlpfc": "nn_dlpfc151673.npz", "xenium": "nn_xenium_mouse_brain.npz"}
 PLAN = {  # name: (knn row step, connectivity/distance row step, trustworthiness subset size or None)
     "dlpfc": (1, 8, None),
     "xenium": (20, 40, 4000),
@@ -87,7 +88,7 @@ def main(shared: Path) -> None:
         kp = N.knn_preservation(P, Y, trows, K)
         labels = adata.obs["leiden"].cat.codes.to_numpy().astype(np.int8)
         np.savez_compressed(
-            OUT / f"{name}.npz",
+            OUT / FILES[name],
             n=n, k=K, pca_head=P[:5], pca_abssum=np.abs(P.astype(np.float64)).sum(0),
             knn_rows=krows.astype(np.uint32), knn_idx=idx[krows].astype(np.uint16),
             dist_rows=crows.astype(np.uint32), knn_dist=dist[crows].astype(np.float32),
@@ -101,7 +102,7 @@ def main(shared: Path) -> None:
         )
         print(f"{name}: n={n} neighbors {t_nn:.1f}s total {time.time() - t0:.1f}s, leiden "
               f"{labels.max() + 1} clusters, umap trust {tw:.4f} knn-pres {kp:.4f}, "
-              f"{(OUT / f'{name}.npz').stat().st_size / 1024:.0f} KiB")
+              f"{(OUT / FILES[name]).stat().st_size / 1024:.0f} KiB")
 
 
 if __name__ == "__main__":
