@@ -189,6 +189,25 @@ def check_positions(xy: np.ndarray, barcodes, images: dict, scalefactors: dict, 
                                      f"{hint}")
 
 
+def read_tissue_images(spatial: Path, sample: str, *, load: bool = True) -> tuple[dict, dict]:
+    """The hires/lowres tissue images of a Space Ranger ``spatial/`` folder, whichever exist.
+
+    Returns ``({name: uint8 array}, {name: path})``; arrays only when ``load``.
+    """
+    images: dict[str, np.ndarray] = {}
+    image_paths: dict[str, str] = {}
+    for res in ("hires", "lowres"):
+        ipath = spatial / f"tissue_{res}_image.png"
+        if ipath.is_file():
+            image_paths[res] = str(ipath)
+            if load:
+                images[res] = read_image(ipath, sample)
+    if not image_paths:
+        logger.info("sample %r: no tissue_hires_image.png or tissue_lowres_image.png in %s",
+                    sample, spatial)
+    return images, image_paths
+
+
 def read_visium(folder, *, sample: str, matrix=None, in_tissue_only: bool = True,
                 gex_only: bool = True, load_images: bool = True, check: bool = True):
     """Read a 10x Visium Space Ranger output folder.
@@ -264,17 +283,7 @@ def read_visium(folder, *, sample: str, matrix=None, in_tissue_only: bool = True
     arr = pos[["array_row", "array_col"]].to_numpy(dtype=np.float64)
     check_finite(arr, pos.index, "spots (array_row/array_col)", sample, ppath)
     scalefactors, _ = read_scalefactors(spatial, sample)
-    images: dict[str, np.ndarray] = {}
-    image_paths: dict[str, str] = {}
-    for res in ("hires", "lowres"):
-        ipath = spatial / f"tissue_{res}_image.png"
-        if ipath.is_file():
-            image_paths[res] = str(ipath)
-            if load_images or check:
-                images[res] = read_image(ipath, sample)
-    if not image_paths:
-        logger.info("sample %r: no tissue_hires_image.png or tissue_lowres_image.png in %s",
-                    sample, spatial)
+    images, image_paths = read_tissue_images(spatial, sample, load=load_images or check)
     if check:
         all_xy = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
         check_positions(xy, pos.index, images, scalefactors, sample, ppath, all_xy=all_xy)

@@ -11,7 +11,7 @@ import pandas as pd
 from .._logging import logger
 from ._checks import check_finite, check_subset, examples, fail, first_line, open_text, require_dir
 from .tenx import read_10x_h5, read_10x_mtx
-from .visium import (POSITION_COLUMNS, _clean_positions, _find_matrix, check_positions, read_image,
+from .visium import (POSITION_COLUMNS, _clean_positions, _find_matrix, check_positions, read_tissue_images,
                      read_scalefactors)
 
 __all__ = ["read_visium_hd", "is_visium_hd_square", "BIN_SIZES"]
@@ -266,17 +266,7 @@ def read_visium_hd(folder, *, sample: str, bin_size=None, matrix=None, in_tissue
     check_finite(xy, pos.index, "bins", sample, ppath)
     arr = pos[["array_row", "array_col"]].to_numpy(dtype=np.float64)
     check_finite(arr, pos.index, "bins (array_row/array_col)", sample, ppath)
-    images: dict[str, np.ndarray] = {}
-    image_paths: dict[str, str] = {}
-    for res in ("hires", "lowres"):
-        ipath = spatial / f"tissue_{res}_image.png"
-        if ipath.is_file():
-            image_paths[res] = str(ipath)
-            if load_images or check:
-                images[res] = read_image(ipath, sample)
-    if not image_paths:
-        logger.info("sample %r: no tissue_hires_image.png or tissue_lowres_image.png in %s",
-                    sample, spatial)
+    images, image_paths = read_tissue_images(spatial, sample, load=load_images or check)
     if check:
         bounds_sf = {k: v for k, v in scalefactors.items() if k != "spot_diameter_fullres"}
         check_positions(xy, pos.index, images, bounds_sf, sample, ppath)
