@@ -165,7 +165,7 @@ def test_pyramid_levels(tmp_path):
     assert store.images() == ["small"]
     # levels deeper than the band height are built by reading the previous level back, tile by
     # tile: the same values as the streamed cascade
-    from expkit.io.images import _down2, _downsample_dataset
+    from expkit.io._window import _down2, _downsample_dataset
 
     lvl2 = _down2(base)
     out = np.zeros((512, 384, 3), np.uint8)

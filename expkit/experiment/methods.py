@@ -12,6 +12,10 @@ ALL = None
 SPATIAL = ("spatial-bin", "spatial-cell")
 
 METHODS: dict[str, tuple[str, tuple[str, ...] | None, str]] = {
+    # markers and batch integration
+    "markers": ("expkit.tl:markers", ALL, "sample"),
+    "get_markers": ("expkit.tl:get_markers", ALL, "read"),
+    "integrate": ("expkit.tl:integrate", ALL, "sample"),  # usually run_on_samples=None (the integrated data)
     # images and plots
     "get_image": ("expkit.io.images:get_image", SPATIAL, "read"),
     "plot_spatial": ("expkit.pl.spatial:plot_spatial", SPATIAL, "joint-read"),

@@ -1,7 +1,6 @@
 """Summaries of AnnData objects with dtype tags, as cached in the manifest and printed by ``print(expm)``."""
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 

@@ -96,8 +96,6 @@ def first_line(path: Path, sample: str | None) -> str:
 @contextmanager
 def open_h5(path: Path, sample: str | None):
     """Open an HDF5 file read-only; a corrupt or truncated file becomes a ReaderError."""
-    import h5py
-
     path = require_file(path, sample, "HDF5 file")
     fh = open_h5_file(path, sample)
     try:

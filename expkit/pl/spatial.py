@@ -10,7 +10,8 @@ from matplotlib import colors as mcolors
 from matplotlib.collections import EllipseCollection
 
 from ..errors import InputError, KeyNotFoundError
-from ..io.images import _Source, image_sources
+from ..io._window import _Source
+from ..io.images import image_sources
 from ._utils import ColorSpec, add_legend, fig_ax, get_basis, prepare_colors, sample_name
 
 __all__ = ["plot_spatial", "plot_spatial_grid", "compose_channels", "EMBEDDING_DEFAULTS"]
@@ -93,7 +94,7 @@ def _default_channels(src: _Source) -> str | None:
     if any(all(c in m[1] for c in ("r", "g", "b")) for m in meta.values()):
         return "r,g,b"
     # the finest image, all its channels
-    from ..io.images import _image_dpp
+    from ..io._window import _image_dpp
 
     name = min(meta, key=lambda k: _image_dpp(meta[k][2]))
     return f"{name}/" + ",".join(meta[name][1])
@@ -165,7 +166,7 @@ def _view(xy: np.ndarray, diameter: float, xrange, yrange, src: _Source | None):
         y = (float(lo[1] - pad), float(hi[1] + pad))
     elif src is not None and src.images():
         # no spots: the whole (finest) image
-        from ..io.images import _image_dpp
+        from ..io._window import _image_dpp
 
         meta = src._meta()
         name = min(meta, key=lambda k: _image_dpp(meta[k][2]))
