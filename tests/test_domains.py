@@ -13,11 +13,28 @@ SECTIONS = ("151673", "151674")
 REF_ARI = {"151673": 0.497, "151674": 0.436}
 
 
+def spagcn_protocol(adata):
+    """The reference's preprocessing (SpaGCN tutorial): genes in >= 3 spots, no ERCC/MT- genes, counts scaled
+    to the median total per spot, log1p, in layers['lognorm']."""
+    import scipy.sparse as sp
+
+    sym = adata.var["gene_symbols"].astype(str) if "gene_symbols" in adata.var else adata.var_names.to_series()
+    n_cells = np.asarray((adata.X > 0).sum(0)).ravel()
+    keep = (n_cells >= 3) & ~sym.str.startswith("ERCC").to_numpy() & ~sym.str.startswith("MT-").to_numpy()
+    adata = adata[:, keep].copy()
+    x = sp.csr_matrix(adata.X, dtype=np.float32)
+    tot = np.asarray(x.sum(1)).ravel()
+    x = sp.diags((np.median(tot) / np.maximum(tot, 1)).astype(np.float32)) @ x
+    x.data = np.log1p(x.data)
+    adata.layers["lognorm"] = x.tocsr()
+    return adata
+
+
 def _read(shared_data, sid):
     from expkit.io import read_visium
 
     folder = shared_data / "dlpfc" / sid
-    adata = read_visium(folder, sample=sid)
+    adata = spagcn_protocol(read_visium(folder, sample=sid))
     truth = pd.read_csv(folder / f"{sid}_truth.txt", sep="\t", header=None, index_col=0)[1]
     return adata, truth.reindex(adata.obs["barcode"].to_numpy()).to_numpy()
 

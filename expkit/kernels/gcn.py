@@ -164,10 +164,12 @@ def pca(x, n_comps: int, *, seed: int = 0, n_iter: int = 3, oversample: int = 20
 # --------------------------------------------------------------------------------------------
 # initial clustering
 # --------------------------------------------------------------------------------------------
-def knn(z: torch.Tensor, k: int, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest neighbours (self included) by chunked distances; (distances, indices)."""
+def knn(z: torch.Tensor, k: int, chunk_elems: int = 2**24) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours (self included) by row chunks of the distance matrix (at most
+    ``chunk_elems`` entries at a time); (distances, indices)."""
     n = z.shape[0]
     k = min(k, n)
+    chunk = max(1, chunk_elems // n)
     sq = (z * z).sum(1)
     ds, js = [], []
     for s in range(0, n, chunk):
@@ -213,27 +215,24 @@ def to_igraph(conn: sp.spmatrix):
 
 
 def cluster_graph(g, resolution: float, method: str = "louvain", seed: int = 0) -> np.ndarray:
-    """Louvain (igraph multilevel) or Leiden (leidenalg) communities of a weighted graph, seeded.
+    """Louvain (igraph multilevel) or Leiden (igraph, modularity with a resolution) communities, seeded.
     ``g``: an igraph Graph with edge attribute "weight" (see :func:`to_igraph`) or a sparse matrix."""
     import igraph as ig
 
     if sp.issparse(g):
         g = to_igraph(g)
-    if method == "leiden":
-        import leidenalg
-
-        part = leidenalg.find_partition(g, leidenalg.RBConfigurationVertexPartition, weights="weight",
-                                        resolution_parameter=resolution, seed=int(seed), n_iterations=-1)
-        labels = np.asarray(part.membership)
-    elif method == "louvain":
-        rng = random.Random(int(seed))
-        ig.set_random_number_generator(rng)
-        try:
-            labels = np.asarray(g.community_multilevel(weights="weight", resolution=resolution).membership)
-        finally:
-            ig.set_random_number_generator(random)
-    else:
+    if method not in ("louvain", "leiden"):
         raise InputError(f"unknown clustering method {method!r}: 'louvain' or 'leiden'")
+    ig.set_random_number_generator(random.Random(int(seed)))  # igraph draws from this: seeded, local
+    try:
+        if method == "leiden":
+            part = g.community_leiden(objective_function="modularity", weights="weight", resolution=resolution,
+                                      n_iterations=-1)
+        else:
+            part = g.community_multilevel(weights="weight", resolution=resolution)
+    finally:
+        ig.set_random_number_generator(random)
+    labels = np.asarray(part.membership)
     return _relabel_by_size(labels)
 
 
@@ -246,32 +245,47 @@ def _relabel_by_size(labels: np.ndarray) -> np.ndarray:
 
 
 def search_resolution(conn: sp.csr_matrix, n_clusters: int, *, start: float = 0.7, step: float = 0.1,
-                      method: str = "louvain", seed: int = 0, max_run: int = 10) -> tuple[float, np.ndarray]:
-    """SpaGCN's resolution walk (step towards the target count, halving the step on overshoot), on the
-    initial graph only; returns (resolution, labels)."""
+                      method: str = "louvain", seed: int = 0, max_run: int = 20,
+                      count=None) -> tuple[float, np.ndarray]:
+    """SpaGCN's resolution walk: step towards the target number of domains, halving the step on overshoot.
+
+    ``count(labels) -> int`` gives the number of domains a clustering leads to (default: its number of
+    communities; SpaGCN counts after a short training, see ``_fit``). Returns (resolution, labels); when
+    the target is not reached after ``max_run`` tries, the tried resolution with the closest count.
+    """
     g = to_igraph(conn)
+    tried: dict[float, tuple[int, np.ndarray]] = {}
+
+    def run(r):
+        r = round(r, 10)
+        if r not in tried:
+            lab = cluster_graph(g, r, method, seed)
+            tried[r] = (int(count(lab)) if count is not None else int(lab.max()) + 1, lab)
+        return tried[r]
+
     res = start
-    labels = cluster_graph(g, res, method, seed)
-    old = labels.max() + 1
-    run = 0
-    while old != n_clusters:
+    old, labels = run(res)
+    n_run = 0
+    while old != n_clusters and n_run < max_run:
         sign = 1 if old < n_clusters else -1
         cand = res + step * sign
         if cand <= 0:
             step /= 2
+            n_run += 1
             continue
-        new_labels = cluster_graph(g, cand, method, seed)
-        new = new_labels.max() + 1
+        new, new_labels = run(cand)
         if new == n_clusters:
             return cand, new_labels
         if (1 if new < n_clusters else -1) == sign:
             res, old, labels = cand, new, new_labels
         else:
             step /= 2
-        run += 1
-        if run > max_run:
-            logger.warning("resolution search: %d clusters not reached, res = %.4g gives %d", n_clusters, res, old)
-            break
+        n_run += 1
+    if old != n_clusters:
+        best = min(tried, key=lambda r: (abs(tried[r][0] - n_clusters), -tried[r][0], abs(r - start)))
+        logger.warning("resolution search: %d domains not reached after %d tries; res = %.4g gives %d",
+                       n_clusters, n_run, best, tried[best][0])
+        res, labels = best, tried[best][1]
     return res, labels
 
 
@@ -328,7 +342,7 @@ class _Adam:
 
 def train_dec(ax: torch.Tensor, w: torch.Tensor, b: torch.Tensor, init_labels: np.ndarray, *,
               lr: float = 0.05, max_epochs: int = 200, update_interval: int = 5, tol: float = 5e-3,
-              alpha: float = 0.2, train_centers: bool = False) -> dict:
+              alpha: float = 0.2, train_centers: bool = False, quiet: bool = False) -> dict:
     """DEC fine-tuning of the graph convolution ``Z = (A X) W + b`` (Adam, no weight decay).
 
     Centres start at the mean embedding of each initial cluster. The target ``p`` is refreshed every
@@ -364,7 +378,9 @@ def train_dec(ax: torch.Tensor, w: torch.Tensor, b: torch.Tensor, init_labels: n
         if epoch > 0 and (epoch - 1) % update_interval == 0 and delta < tol:
             stopped = True
             break
-    if stopped:
+    if quiet:
+        pass
+    elif stopped:
         logger.info("delta_label %.4g < tol %g, stopping at epoch %d", delta, tol, epoch)
     else:
         logger.info("reached max_epochs = %d (delta_label %.4g)", max_epochs, delta)

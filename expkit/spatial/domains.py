@@ -118,7 +118,7 @@ def _categorical(labels: np.ndarray, k: int | None = None) -> pd.Categorical:
 # the shared fit
 # --------------------------------------------------------------------------------------------
 def _fit(ax: np.ndarray, *, n_clusters, init, res_start, res_step, tol, lr, max_epochs, seed, device,
-         train_centers=False):
+         train_centers=False, search_epochs=20):
     gen = torch.Generator().manual_seed(seed)
     axt = torch.as_tensor(ax, dtype=torch.float32, device=device)
     w, b = gcn.init_gcn(axt.shape[1], axt.shape[1], generator=gen, device=device)
@@ -128,9 +128,17 @@ def _fit(ax: np.ndarray, *, n_clusters, init, res_start, res_step, tol, lr, max_
     if init in ("louvain", "leiden"):
         dist, idx = gcn.knn(z0, 10)
         conn = gcn.umap_connectivities(dist, idx)
+
+        def count(lab):  # SpaGCN's criterion: the number of domains left after a short training
+            if search_epochs <= 0:
+                return int(lab.max()) + 1
+            w1, b1 = w.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+            o = gcn.train_dec(axt, w1, b1, lab, lr=lr, max_epochs=search_epochs, tol=tol, quiet=True)
+            return len(np.unique(o["labels"]))
+
         res, labels = gcn.search_resolution(conn, n_clusters, start=res_start, step=res_step, method=init,
-                                            seed=seed)
-        logger.info("res = %.4g, n_clusters = %d", res, labels.max() + 1)
+                                            seed=seed, count=count)
+        logger.info("res = %.4g, n_clusters = %d (%d initial communities)", res, count(labels), labels.max() + 1)
     elif init == "kmeans":
         from sklearn.cluster import KMeans
 
@@ -181,6 +189,8 @@ def spatial_detect_domains_spagcn(adata, *, layer: str | None = "lognorm", n_clu
     Returns a dict with ``l``, ``res``, ``epochs``, ``n_domains`` and ``time``.
     """
     _check_init(init, refine_shape)
+    if refine_shape is not None:
+        _array_coords(adata)  # fail before the work, not after
     t0 = time.perf_counter()
     seed = seed_everything(seed)
     device = resolve_device(use_gpu)
@@ -196,7 +206,6 @@ def spatial_detect_domains_spagcn(adata, *, layer: str | None = "lognorm", n_clu
                max_epochs=max_epochs, seed=seed, device=device)
     labels = out["labels"]
     k = int(labels.max()) + 1
-    adata.obs[key_added] = pd.Categorical(labels.astype(str), categories=[str(i) for i in range(k)])
     adata.obs[key_added] = _categorical(labels, k)
     adata.obsm[key_added + ".prob"] = out["q"].astype(np.float32)
     if refine_shape is not None:
@@ -230,6 +239,9 @@ def integrate_domains_spagcn(adatas: Mapping[str, object], *, layer: str | None 
     _check_init(init, refine_shape)
     if not adatas:
         raise InputError("integrate_domains_spagcn needs at least one sample")
+    if refine_shape is not None:
+        for ad in adatas.values():
+            _array_coords(ad)
     seed = seed_everything(seed)
     device = resolve_device(use_gpu)
     names = list(adatas)
