@@ -167,3 +167,25 @@ def test_integrate_two_sections(dlpfc):
     # labels mean the same in both sections: white matter (WM) is one domain in each
     wm = [pd.Series(np.asarray(data[s].obs["integrated"])[dlpfc[s][1] == "WM"]).mode()[0] for s in SECTIONS]
     assert wm[0] == wm[1]
+
+
+def test_domain_markers_and_metagene(dlpfc):
+    from expkit.spatial.domain_markers import spatial_markers_spagcn, spatial_metagene
+    from expkit.tl import get_markers
+
+    adata, truth = dlpfc["151673"]
+    ok = pd.notna(truth)
+    ad = adata[ok].copy()
+    ad.obs["layer"] = pd.Categorical(truth[ok])
+    ad.var["gene"] = ad.var["gene_symbols"].astype(str)
+    out = spatial_markers_spagcn(ad, domain_key="layer", targets=["WM", "L1"])
+    nb = ad.uns["spagcn.markers"]["neighbours"]
+    assert "L6" in list(nb["WM"]) and "WM" not in list(nb["WM"])
+    wm = set(out.loc[out["group"] == "WM", "gene"])
+    assert {"MBP", "PLP1"} & wm, sorted(wm)[:20]
+    tab = get_markers(ad, slot="spagcn.markers", group_name="WM", max_q=0.05)
+    assert len(tab) >= len(wm) and tab["score"].is_monotonic_decreasing
+    meta = spatial_metagene(ad, target="L1", start_gene="AQP4", domain_key="layer", max_iter=2)
+    assert meta["name"].startswith("AQP4") and "spagcn.metagene" in ad.obs
+    v = ad.obs["spagcn.metagene"].to_numpy()
+    assert v.min() >= 0 and v[ad.obs["layer"] == "L1"].mean() > v[ad.obs["layer"] != "L1"].mean()

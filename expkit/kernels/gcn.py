@@ -161,6 +161,39 @@ def pca(x, n_comps: int, *, seed: int = 0, n_iter: int = 3, oversample: int = 20
     return (u * s[:k] * signs).astype(np.float32)
 
 
+def pca_centered_blocks(blocks: list, n_comps: int, *, seed: int = 0, n_iter: int = 3,
+                        oversample: int = 20) -> np.ndarray:
+    """PCA scores of the row-stacked ``blocks`` after removing each block's own column means (sparse blocks
+    stay sparse: the centring is implicit)."""
+    xs = [sp.csr_matrix(b, dtype=np.float32) for b in blocks]
+    mus = [np.asarray(b.mean(axis=0), dtype=np.float32).ravel() for b in xs]
+    sizes = [b.shape[0] for b in xs]
+    x = sp.vstack(xs).tocsr()
+    xt = x.T.tocsr()
+    n, m = x.shape
+    k = min(n_comps, min(n, m) - 1)
+    mu_stack = np.stack(mus)  # (blocks, genes)
+    owner = np.repeat(np.arange(len(xs)), sizes)
+    mat = lambda b: x @ b - (mu_stack @ b)[owner]  # noqa: E731
+    # X_c^T b = X^T b - sum_blocks mu_s (sum of b over the block's rows)
+    rmat = lambda b: xt @ b - mu_stack.T @ np.add.reduceat(b, np.cumsum([0] + sizes[:-1]), axis=0)  # noqa: E731
+    return _randomized_scores(mat, rmat, m, k, seed, n_iter, oversample)
+
+
+def _randomized_scores(mat, rmat, m: int, k: int, seed: int, n_iter: int, oversample: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    q = mat(rng.standard_normal((m, k + oversample), dtype=np.float32))
+    q, _ = np.linalg.qr(q)
+    for _ in range(n_iter):
+        z, _ = np.linalg.qr(rmat(q))
+        q, _ = np.linalg.qr(mat(z))
+    ub, s, _ = np.linalg.svd(rmat(q).T, full_matrices=False)
+    u = q @ ub[:, :k]
+    signs = np.sign(u[np.abs(u).argmax(0), np.arange(k)])
+    signs[signs == 0] = 1
+    return (u * s[:k] * signs).astype(np.float32)
+
+
 # --------------------------------------------------------------------------------------------
 # initial clustering
 # --------------------------------------------------------------------------------------------

@@ -229,11 +229,12 @@ def integrate_domains_spagcn(adatas: Mapping[str, object], *, layer: str | None 
                              n_pcs: int = 50, res_start: float = 0.7, res_step: float = 0.1, tol: float = 5e-3,
                              lr: float = 0.05, max_epochs: int = 500, init: str = "louvain",
                              refine_shape: str | None = "hexagon", seed: int | None = 100,
-                             use_gpu: bool = False) -> dict:
+                             center_per_sample: bool = True, use_gpu: bool = False) -> dict:
     """One SpaGCN model over several samples (kind "joint"): each sample gets its own ``l`` (search_l on its
     own coordinates), the graph is block-diagonal (no edges between samples), PCA runs on the stacked
-    expression of the genes all samples share, and one DEC head clusters all spots, so domain labels mean
-    the same in every sample. Writes ``obs[result_key]`` and ``obs[result_key + '.refined']`` in each sample
+    expression of the genes all samples share (with ``center_per_sample``, each sample's gene means are
+    removed first: additive batch offsets then do not split one layer into per-sample domains), and one DEC
+    head clusters all spots, so domain labels mean the same in every sample. Writes ``obs[result_key]`` and ``obs[result_key + '.refined']`` in each sample
     and ``uns[result_key]`` params; returns ``{sample: {"l": ..., "n_spots": ..., "domains": counts}}``.
     """
     _check_init(init, refine_shape)
@@ -263,17 +264,21 @@ def integrate_domains_spagcn(adatas: Mapping[str, object], *, layer: str | None 
         x = _lognorm(ad, layer)
         cols = ad.var_names.get_indexer(genes)
         mats.append(sp.csr_matrix(x)[:, cols] if sp.issparse(x) else np.asarray(x)[:, cols])
-    x = sp.vstack(mats).tocsr() if all(sp.issparse(m) for m in mats) else np.vstack(
-        [m.toarray() if sp.issparse(m) else m for m in mats])
     a = gcn.block_diag_adjacency(blocks)
-    ax = a @ gcn.pca(x, n_pcs, seed=seed)
+    if center_per_sample:
+        feats = gcn.pca_centered_blocks(mats, n_pcs, seed=seed)
+    else:
+        x = sp.vstack([sp.csr_matrix(m) for m in mats]).tocsr()
+        feats = gcn.pca(x, n_pcs, seed=seed)
+    ax = a @ feats
     out = _fit(ax, n_clusters=n_clusters, init=init, res_start=res_start, res_step=res_step, tol=tol, lr=lr,
                max_epochs=max_epochs, seed=seed, device=device)
     labels = out["labels"]
     k = int(labels.max()) + 1
     params = dict(layer=layer, n_clusters=n_clusters, histology=histology, alpha=alpha, beta=beta, p=p,
                   n_pcs=n_pcs, res_start=res_start, res_step=res_step, tol=tol, lr=lr, max_epochs=max_epochs,
-                  init=init, refine_shape=refine_shape, seed=seed, samples=names)
+                  init=init, refine_shape=refine_shape, seed=seed, samples=names,
+                  center_per_sample=center_per_sample)
     result, start = {}, 0
     for s in names:
         ad = adatas[s]
