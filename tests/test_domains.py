@@ -123,7 +123,7 @@ def test_domains_ari_vs_reference(dlpfc, sid):
         np.testing.assert_array_equal(again.obsm["spagcn.domain.prob"], ad.obsm["spagcn.domain.prob"])
 
 
-def test_domains_kmeans_histology_and_keys(dlpfc):
+def test_domains_kmeans_histology_and_keys(dlpfc, tmp_path):
     from expkit.spatial import spatial_detect_domains_spagcn
 
     adata, truth = dlpfc["151673"]
@@ -135,6 +135,10 @@ def test_domains_kmeans_histology_and_keys(dlpfc):
     z = __import__("expkit.spatial.domains", fromlist=["x"]).histology_coordinate(ad)
     assert np.isfinite(z).all() and z.std() > 0
     assert _ari(truth, ad.obs["dom"]) > 0.2
+    del ad.uns["spatial"]  # the results round-trip through h5ad
+    ad.write_h5ad(tmp_path / "d.h5ad")
+    back = __import__("anndata").read_h5ad(tmp_path / "d.h5ad")
+    assert back.uns["spagcn"]["l"] == out["l"] and (back.obs["dom"] == ad.obs["dom"]).all()
 
 
 def test_domains_bad_input(dlpfc):

@@ -143,22 +143,10 @@ def pca(x, n_comps: int, *, seed: int = 0, n_iter: int = 3, oversample: int = 20
         mat = lambda b: xs @ b - (mu @ b)[None, :]  # noqa: E731
         rmat = lambda b: xt @ b - np.outer(mu, b.sum(0))  # noqa: E731
     else:
-        xd = torch.as_tensor(np.asarray(x, dtype=np.float32)) - torch.as_tensor(mu)
-        mat = lambda b: (xd @ torch.as_tensor(b)).numpy()  # noqa: E731
-        rmat = lambda b: (xd.T @ torch.as_tensor(b)).numpy()  # noqa: E731
-    rng = np.random.default_rng(seed)
-    q = mat(rng.standard_normal((m, k + oversample), dtype=np.float32))
-    q, _ = np.linalg.qr(q)
-    for _ in range(n_iter):
-        z, _ = np.linalg.qr(rmat(q))
-        q, _ = np.linalg.qr(mat(z))
-    b = rmat(q).T  # (k+o) x m
-    ub, s, _ = np.linalg.svd(b, full_matrices=False)
-    u = q @ ub[:, :k]
-    # sign convention: largest |loading| positive per component (deterministic)
-    signs = np.sign(u[np.abs(u).argmax(0), np.arange(k)])
-    signs[signs == 0] = 1
-    return (u * s[:k] * signs).astype(np.float32)
+        xd = torch.as_tensor(np.asarray(x, dtype=np.float32), device=device) - torch.as_tensor(mu, device=device)
+        mat = lambda b: (xd @ torch.as_tensor(b, device=device)).cpu().numpy()  # noqa: E731
+        rmat = lambda b: (xd.T @ torch.as_tensor(b, device=device)).cpu().numpy()  # noqa: E731
+    return _randomized_scores(mat, rmat, m, k, seed, n_iter, oversample)
 
 
 def pca_centered_blocks(blocks: list, n_comps: int, *, seed: int = 0, n_iter: int = 3,

@@ -15,7 +15,6 @@ import torch
 
 from .. import __version__
 from .._logging import logger
-from .._settings import settings
 from ..errors import InputError, KeyNotFoundError
 from ..kernels import gcn
 from ..kernels.device import resolve_device, seed_everything
@@ -138,14 +137,16 @@ def _fit(ax: np.ndarray, *, n_clusters, init, res_start, res_step, tol, lr, max_
 
         res, labels = gcn.search_resolution(conn, n_clusters, start=res_start, step=res_step, method=init,
                                             seed=seed, count=count)
-        logger.info("res = %.4g, n_clusters = %d (%d initial communities)", res, count(labels), labels.max() + 1)
+        logger.info("res = %.4g, n_clusters = %d", res, labels.max() + 1)
     elif init == "kmeans":
         from sklearn.cluster import KMeans
 
         labels = KMeans(n_clusters, n_init=20, random_state=seed).fit_predict(z0.cpu().numpy())
     else:
         raise InputError(f"init must be one of {_INITS}, not {init!r}")
+    t_init = time.perf_counter()
     out = gcn.train_dec(axt, w, b, labels, lr=lr, max_epochs=max_epochs, tol=tol, train_centers=train_centers)
+    out["t_init"] = t_init
     out["res"] = res
     out["init_labels"] = labels
     out["labels"] = gcn.compact_labels(out["labels"])
@@ -179,14 +180,17 @@ def spatial_detect_domains_spagcn(adata, *, layer: str | None = "lognorm", n_clu
     loss, Adam ``lr``) until fewer than ``tol`` of the labels change; (6) ``refine_shape`` majority
     relabelling over the array grid.
 
-    Differences from SpaGCN 1.2.7: the resolution is searched on the initial graph only (SpaGCN retrains
-    20 epochs per tried resolution); the graph is truncated at relative weight 1e-6 (SpaGCN: dense n x n);
+    Differences from SpaGCN 1.2.7: the resolution search keeps SpaGCN's criterion (the number of domains
+    left after 20 epochs from each tried resolution's communities) but builds the initial embedding and its
+    kNN graph once; the centres stay fixed during training as in SpaGCN (its optimiser is created before
+    them); the graph is truncated at relative weight 1e-6 (SpaGCN: dense n x n);
     PCA is a seeded randomized SVD; the hexagon refinement uses the 6 true grid neighbours (SpaGCN sorts
     array-coordinate distances, where 4 spots tie at distance 2 and its sort picks 2 of them).
 
     Writes ``obs[key_added]``, ``obs[refined_key_added]`` (categorical "0".."k-1"), ``obsm[key_added +
     '.prob']`` (soft assignments) and ``uns['spagcn']`` (params, l, res, epochs, seed, version).
-    Returns a dict with ``l``, ``res``, ``epochs``, ``n_domains`` and ``time``.
+    Returns a dict with ``l``, ``res``, ``epochs``, ``n_domains``, ``n_edges``, ``time`` and per-step
+    ``steps`` seconds (graph, pca, init, train, refine).
     """
     _check_init(init, refine_shape)
     if refine_shape is not None:
@@ -199,11 +203,14 @@ def spatial_detect_domains_spagcn(adata, *, layer: str | None = "lognorm", n_clu
         l = gcn.search_l(pairs, p)
         logger.info("recommended l = %.6g", l)
     a = gcn.gaussian_adjacency(pairs, float(l))
+    t_graph = time.perf_counter()
     x = _lognorm(adata, layer)
-    feats = gcn.pca(x, n_pcs, seed=seed)
+    feats = gcn.pca(x, n_pcs, seed=seed, device=device)
     ax = a @ feats
+    t_pca = time.perf_counter()
     out = _fit(ax, n_clusters=n_clusters, init=init, res_start=res_start, res_step=res_step, tol=tol, lr=lr,
                max_epochs=max_epochs, seed=seed, device=device)
+    t_train = time.perf_counter()
     labels = out["labels"]
     k = int(labels.max()) + 1
     adata.obs[key_added] = _categorical(labels, k)
@@ -211,13 +218,18 @@ def spatial_detect_domains_spagcn(adata, *, layer: str | None = "lognorm", n_clu
     if refine_shape is not None:
         refined = refine_domains(labels, _array_coords(adata), refine_shape)
         adata.obs[refined_key_added] = _categorical(refined, k)
-    elapsed = time.perf_counter() - t0
+    t_end = time.perf_counter()
+    elapsed = t_end - t0
+    steps = {"graph": t_graph - t0, "pca": t_pca - t_graph, "init": out["t_init"] - t_pca,
+             "train": t_train - out["t_init"], "refine": t_end - t_train}
     params = dict(layer=layer, n_clusters=n_clusters, histology=histology, channels=channels, alpha=alpha,
                   beta=beta, p=p, n_pcs=n_pcs, res_start=res_start, res_step=res_step, tol=tol, lr=lr,
                   max_epochs=max_epochs, init=init, refine_shape=refine_shape, seed=seed, use_gpu=use_gpu,
                   key_added=key_added, refined_key_added=refined_key_added)
     summary = {"l": float(l), "res": None if out["res"] is None else float(out["res"]), "epochs": out["epochs"],
-               "n_domains": k, "n_edges": int(a.nnz - a.shape[0]), "time": elapsed}
+               "n_domains": k, "n_edges": int(a.nnz - a.shape[0]), "time": elapsed,
+               "steps": {kk: round(v, 4) for kk, v in steps.items()}}
+    params = {kk: v for kk, v in params.items() if v is not None}  # h5ad cannot hold None
     adata.uns["spagcn"] = {"params": params, **{kk: v for kk, v in summary.items() if v is not None},
                            "version": __version__}
     return summary
@@ -234,8 +246,8 @@ def integrate_domains_spagcn(adatas: Mapping[str, object], *, layer: str | None 
     own coordinates), the graph is block-diagonal (no edges between samples), PCA runs on the stacked
     expression of the genes all samples share (with ``center_per_sample``, each sample's gene means are
     removed first: additive batch offsets then do not split one layer into per-sample domains), and one DEC
-    head clusters all spots, so domain labels mean the same in every sample. Writes ``obs[result_key]`` and ``obs[result_key + '.refined']`` in each sample
-    and ``uns[result_key]`` params; returns ``{sample: {"l": ..., "n_spots": ..., "domains": counts}}``.
+    head clusters all spots, so domain labels mean the same in every sample. Writes ``obs[result_key]`` and
+    ``obs[result_key + '.refined']`` in each sample and ``uns[result_key]`` params; returns ``{sample: {"l": ..., "n_spots": ..., "domains": counts}}``.
     """
     _check_init(init, refine_shape)
     if not adatas:
@@ -269,7 +281,7 @@ def integrate_domains_spagcn(adatas: Mapping[str, object], *, layer: str | None 
         feats = gcn.pca_centered_blocks(mats, n_pcs, seed=seed)
     else:
         x = sp.vstack([sp.csr_matrix(m) for m in mats]).tocsr()
-        feats = gcn.pca(x, n_pcs, seed=seed)
+        feats = gcn.pca(x, n_pcs, seed=seed, device=device)
     ax = a @ feats
     out = _fit(ax, n_clusters=n_clusters, init=init, res_start=res_start, res_step=res_step, tol=tol, lr=lr,
                max_epochs=max_epochs, seed=seed, device=device)
@@ -279,6 +291,7 @@ def integrate_domains_spagcn(adatas: Mapping[str, object], *, layer: str | None 
                   n_pcs=n_pcs, res_start=res_start, res_step=res_step, tol=tol, lr=lr, max_epochs=max_epochs,
                   init=init, refine_shape=refine_shape, seed=seed, samples=names,
                   center_per_sample=center_per_sample)
+    params = {kk: v for kk, v in params.items() if v is not None}
     result, start = {}, 0
     for s in names:
         ad = adatas[s]
@@ -287,7 +300,7 @@ def integrate_domains_spagcn(adatas: Mapping[str, object], *, layer: str | None 
         ad.obs[result_key] = _categorical(lab, k)
         if refine_shape is not None:
             ad.obs[result_key + ".refined"] = _categorical(refine_domains(lab, _array_coords(ad), refine_shape), k)
-        ad.uns[result_key] = {"params": params, "l": ls[s], "res": out["res"], "epochs": out["epochs"],
-                              "n_domains": k, "version": __version__}
+        ad.uns[result_key] = {"params": params, "l": ls[s], "epochs": out["epochs"], "n_domains": k,
+                              "version": __version__, **({"res": out["res"]} if out["res"] is not None else {})}
         result[s] = {"l": ls[s], "n_spots": ad.n_obs, "domains": np.bincount(lab, minlength=k).tolist()}
     return result
