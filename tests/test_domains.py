@@ -193,3 +193,14 @@ def test_domain_markers_and_metagene(dlpfc):
     assert meta["name"].startswith("AQP4") and "spagcn.metagene" in ad.obs
     v = ad.obs["spagcn.metagene"].to_numpy()
     assert v.min() >= 0 and v[ad.obs["layer"] == "L1"].mean() > v[ad.obs["layer"] != "L1"].mean()
+
+
+@pytest.mark.gpu
+def test_domains_gpu_close_to_cpu(dlpfc):
+    from expkit.spatial import spatial_detect_domains_spagcn
+
+    adata, truth = dlpfc["151673"]
+    ad = adata.copy()
+    out = spatial_detect_domains_spagcn(ad, seed=0, use_gpu=True)
+    assert out["n_domains"] == 7
+    assert _ari(truth, ad.obs["spagcn.refined"]) >= REF_ARI["151673"] - 0.05

@@ -22,7 +22,7 @@ from ..errors import InputError, ResourceError
 
 # weights below exp(-TRUNC^2 / 2) (1e-6 of the self weight) are dropped
 TRUNC = math.sqrt(2.0 * math.log(1e6))
-MAX_PAIRS = 200_000_000
+MAX_PAIRS = 50_000_000  # ~1.2 GB of pair lists
 
 
 # --------------------------------------------------------------------------------------------
