@@ -367,3 +367,23 @@ def test_images_stored_and_plotted_through_modality(dlpfc_expm):
     fig = expm.spatial_bin.plot_spatial(run_on_samples=["151673", "151674"], channels="lowres/r,g,b",
                                         plot_embeddings={"basis": "spatial", "color": "sample"})
     assert len(fig.axes) >= 2
+
+
+def test_reader_options_from_table_and_units(tmp_path):
+    fixtures = Path(__file__).parent / "data" / "platforms"
+    rows = [dict(sample="hd16", modality="spatial-bin", batch="a", group="g", taxa="hsa",
+                 location=str(fixtures / "visium_hd"), **{"reader.bin_size": "16"}),
+            dict(sample="hd8", modality="spatial-bin", batch="a", group="g", taxa="hsa",
+                 location=str(fixtures / "visium_hd"), **{"reader.bin_size": "8"}),
+            dict(sample="cosmx", modality="spatial-cell", batch="b", group="g", taxa="mmu",
+                 location=str(fixtures / "cosmx"), **{"reader.pixel_size_um": "0.12028"}),
+            dict(sample="merscope", modality="spatial-cell", batch="c", group="g", taxa="mmu",
+                 location=str(fixtures / "merscope"))]
+    expm = ek.create_experiment(_table(rows, tmp_path), tmp_path / "e")
+    hd16, hd8 = expm.spatial_bin["hd16"], expm.spatial_bin["hd8"]
+    assert hd16.uns["spatial"]["hd16"]["scalefactors"]["bin_size_um"] == 16
+    assert hd8.n_obs > hd16.n_obs
+    assert "reader.bin_size" not in hd16.obs
+    assert expm.spatial_cell["cosmx"].uns["spatial.unit"] == "um"
+    md = expm.merge()
+    assert md["spatial-cell"].uns["spatial.unit"] == {"cosmx": "um", "merscope": "um"}

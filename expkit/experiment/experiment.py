@@ -178,6 +178,13 @@ class Experiment:
                 spatial.update(a.uns.get("spatial", {}))
             if spatial:
                 merged.uns["spatial"] = spatial
+            units = {s: str(a.uns.get("spatial.unit", "unknown")) for s, a in zip(samples, adatas)
+                     if "spatial" in a.obsm}
+            if units:
+                merged.uns["spatial.unit"] = units
+                if len(set(units.values())) > 1:
+                    logger.warning("merged %s: samples have coordinates in different units %s; obsm['spatial'] "
+                                   "is per sample (never compare coordinates across samples)", modality, units)
             for col in OBS_COLUMNS:
                 if col in merged.obs:
                     merged.obs[col] = pd.Categorical(merged.obs[col].astype(str))
@@ -369,7 +376,8 @@ def _prepare(adata: "AnnData", row: pd.Series) -> "AnnData":
     for col in OBS_COLUMNS:
         adata.obs[col] = str(row[col])
     for col in row.index:
-        if col not in REQUIRED and col not in ("reader", "select") and col not in adata.obs:
+        if (col not in REQUIRED and col not in ("reader", "select") and not col.startswith("reader.")
+                and col not in adata.obs):
             adata.obs[col] = str(row[col])
     adata.obs_names = [f"{sample}:{b}" for b in adata.obs["barcode"].astype(str)]
     if not adata.obs_names.is_unique:
@@ -399,12 +407,25 @@ def _prepare(adata: "AnnData", row: pd.Series) -> "AnnData":
     return adata
 
 
+def _option_value(text: str):
+    """A reader option from a ``reader.<option>`` table column: a number where it reads as one, else text."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(str(text).lower(), text)
+
+
 def _read_sample(row: pd.Series, path: Path) -> "AnnData":
     from ..io import read_sample
 
     reader = row.get("reader") or None
     select = row.get("select") or None
-    adata = read_sample(path, modality=row["modality"], sample=row["sample"], reader=reader, select=select)
+    options = {c[len("reader."):]: _option_value(v) for c, v in row.items()
+               if c.startswith("reader.") and str(v) != ""}
+    adata = read_sample(path, modality=row["modality"], sample=row["sample"], reader=reader, select=select,
+                        **options)
     return _prepare(adata, row)
 
 

@@ -12,10 +12,20 @@ ALL = None
 SPATIAL = ("spatial-bin", "spatial-cell")
 
 METHODS: dict[str, tuple[str, tuple[str, ...] | None, str]] = {
+    # preprocessing
+    "qc": ("expkit.pp:qc", ALL, "sample"),
+    "filter": ("expkit.pp:filter", ALL, "replace"),
+    "log_normalize": ("expkit.pp:log_normalize", ALL, "sample"),
+    "select_hvg": ("expkit.pp:select_hvg", ALL, "sample"),  # on the integrated data pass batch_key="batch"
+    "scale_pca": ("expkit.pp:scale_pca", ALL, "sample"),
     # markers and batch integration
     "markers": ("expkit.tl:markers", ALL, "sample"),
     "get_markers": ("expkit.tl:get_markers", ALL, "read"),
     "integrate": ("expkit.tl:integrate", ALL, "sample"),  # usually run_on_samples=None (the integrated data)
+    # spatial graphs and statistics
+    "spatial_neighbors": ("expkit.spatial:spatial_neighbors", SPATIAL, "sample"),
+    "spatial_components": ("expkit.spatial:spatial_components", SPATIAL, "sample"),
+    "spatial_autocorr": ("expkit.spatial:spatial_autocorr", SPATIAL, "sample"),
     # images and plots
     "get_image": ("expkit.io.images:get_image", SPATIAL, "read"),
     "plot_spatial": ("expkit.pl.spatial:plot_spatial", SPATIAL, "joint-read"),

@@ -7,11 +7,14 @@ point the Experiment calls (reader auto-detection, ``select="column=value"``, sp
 from __future__ import annotations
 
 from .dispatch import READERS, detect_reader, read_sample
+from .cosmx import read_cosmx
 from .h5ad import read_h5ad
+from .merscope import read_merscope
 from .tables import read_table
 from .tenx import read_10x_h5, read_10x_mtx
 from .visium import read_visium
+from .visium_hd import read_visium_hd
 from .xenium import read_xenium
 
 __all__ = ["read_sample", "detect_reader", "READERS", "read_10x_h5", "read_10x_mtx", "read_visium",
-           "read_table", "read_xenium", "read_h5ad"]
+           "read_table", "read_xenium", "read_h5ad", "read_visium_hd", "read_merscope", "read_cosmx"]

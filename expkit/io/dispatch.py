@@ -21,13 +21,23 @@ READERS: dict[str, str] = {
     "visium": "expkit.io.visium:read_visium",
     "table": "expkit.io.tables:read_table",
     "xenium": "expkit.io.xenium:read_xenium",
+    "visium_hd": "expkit.io.visium_hd:read_visium_hd",
+    "merscope": "expkit.io.merscope:read_merscope",
+    "cosmx": "expkit.io.cosmx:read_cosmx",
     "h5ad": "expkit.io.h5ad:read_h5ad",
 }
 
 LAYOUTS = """supported layouts:
   visium   a Space Ranger outs/ folder: spatial/ (tissue_positions[_list].csv, scalefactors_json.json,
            images) + filtered_feature_bc_matrix.h5 or a single *.h5
+  visium_hd a Space Ranger outs/ (or binned_outputs/) folder of Visium HD, or one
+           binned_outputs/square_<size>um/ folder: filtered_feature_bc_matrix.h5 + spatial/
+           (tissue_positions.parquet or .csv, scalefactors_json.json with bin_size_um, images);
+           option bin_size=2|8|16
   xenium   a folder with cell_feature_matrix.h5 + cells.csv.gz (or the .h5 file itself)
+  merscope a Vizgen folder with cell_by_gene.csv + cell_metadata.csv (or the cell_by_gene.csv)
+  cosmx    a NanoString CosMx folder with *_exprMat_file.csv + *_metadata_file.csv (or the
+           *_exprMat_file.csv)
   10x_h5   a Cell Ranger .h5 file (or a folder holding exactly one .h5)
   10x_mtx  a folder with matrix.mtx(.gz), features.tsv(.gz)/genes.tsv, barcodes.tsv(.gz)
   h5ad     an AnnData .h5ad file (or a folder holding exactly one)
@@ -51,6 +61,29 @@ def _is_text_table(p: Path) -> bool:
 
 def _is_mtx(p: Path) -> bool:
     return p.is_file() and _strip_gz(p.name).lower().endswith(".mtx")
+
+
+def _platform_csv(name: str) -> str | None:
+    """The imaging-platform reader of a cells x genes CSV named ``name`` (``.gz`` stripped)."""
+    if name.endswith("cell_by_gene.csv"):
+        return "merscope"
+    if name.endswith("exprmat_file.csv"):
+        return "cosmx"
+    return None
+
+
+def _platform_folder(folder: Path, names: set[str]) -> str | None:
+    """``visium_hd``, ``merscope`` or ``cosmx`` when ``folder``'s files say so, else None."""
+    from .visium_hd import is_visium_hd_square
+
+    if (folder / "binned_outputs").is_dir() or is_visium_hd_square(folder) or \
+            any(re.fullmatch(r"square_\d{3}um", n) and (folder / n).is_dir() for n in names):
+        return "visium_hd"
+    found = {_platform_csv(_strip_gz(n).lower()) for n in names if (folder / n).is_file()}
+    found.discard(None)
+    if len(found) == 1:
+        return found.pop()
+    return None
 
 
 def _table_folder(folder: Path, sample) -> dict | None:
@@ -104,12 +137,19 @@ def detect_reader(location, *, sample: str | None = None) -> tuple[str, Path, di
             if any((path.parent / c).is_file() for c in ("cells.csv.gz", "cells.csv", "cells.parquet")):
                 return "xenium", path, {}
             if (path.parent / "spatial").is_dir():
+                from .visium_hd import is_visium_hd_square
+
+                if is_visium_hd_square(path.parent):
+                    return "visium_hd", path.parent, {"matrix": path.name}
                 return "visium", path.parent, {"matrix": path.name}
             return "10x_h5", path, {}
         if name.endswith(".mtx"):
             if any((path.parent / f).exists() for f in ("barcodes.tsv", "barcodes.tsv.gz")):
                 return "10x_mtx", path.parent, {}
             return "table", path, {}
+        platform = _platform_csv(name)
+        if platform is not None:
+            return platform, path, {}
         if name.endswith(_TEXT):
             return "table", path, {}
         raise fail(sample, path, f"unknown input file type\n{LAYOUTS}")
@@ -117,6 +157,9 @@ def detect_reader(location, *, sample: str | None = None) -> tuple[str, Path, di
     if (folder / "outs").is_dir() and not (folder / "spatial").is_dir():
         folder = folder / "outs"
     names = {p.name for p in folder.iterdir()}
+    platform = _platform_folder(folder, names)
+    if platform is not None:
+        return platform, folder, {}
     h5s = sorted(p for p in folder.glob("*.h5") if p.is_file())
     if (folder / "spatial").is_dir() and (h5s or names & {"filtered_feature_bc_matrix",
                                                            "raw_feature_bc_matrix"}):
@@ -198,10 +241,11 @@ def read_sample(location, *, modality: str, sample: str, reader: str | None = No
         ``"rna"``, ``"spatial-bin"`` or ``"spatial-cell"`` (any other name is accepted without the
         spatial check). Spatial modalities require ``obsm['spatial']`` in the result.
     sample
-        The sample name (errors name it; Visium/Xenium key ``uns['spatial']`` by it).
+        The sample name (errors name it; the spatial readers key ``uns['spatial']`` by it).
     reader
-        One of ``"10x_h5"``, ``"10x_mtx"``, ``"visium"``, ``"table"``, ``"xenium"``, ``"h5ad"``, or
-        None to auto-detect from the location's contents and extension.
+        One of ``"10x_h5"``, ``"10x_mtx"``, ``"visium"``, ``"visium_hd"``, ``"table"``,
+        ``"xenium"``, ``"merscope"``, ``"cosmx"``, ``"h5ad"``, or None to auto-detect from the
+        location's contents and extension.
     select
         ``"column=value"``: keep only the observations whose reader-provided ``obs[column]`` equals
         ``value`` (compared as text, or numerically for numeric columns). This is how one
