@@ -194,9 +194,13 @@ def knn(z: torch.Tensor, k: int, chunk_elems: int = 2**24) -> tuple[np.ndarray, 
     sq = (z * z).sum(1)
     ds, js = [], []
     for s in range(0, n, chunk):
-        d2 = sq[s:s + chunk, None] - 2.0 * z[s:s + chunk] @ z.T + sq[None, :]
-        d2[torch.arange(d2.shape[0]), torch.arange(s, s + d2.shape[0])] = -1.0  # self first
-        v, idx = torch.topk(d2, k, dim=1, largest=False)
+        zc = z[s:s + chunk]
+        # |z_j|^2 - 2 z_i.z_j: the row's own |z_i|^2 does not change its order, so it is added after top-k
+        part = torch.addmm(sq[None, :], zc, z.T, alpha=-2.0)
+        part[torch.arange(zc.shape[0]), torch.arange(s, s + zc.shape[0])] = -float("inf")  # self first
+        v, idx = torch.topk(part, k, dim=1, largest=False)
+        v = v + sq[s:s + chunk, None]
+        v[:, 0] = 0.0
         ds.append(v.clamp_min(0).sqrt())
         js.append(idx)
     return torch.cat(ds).cpu().numpy().astype(np.float64), torch.cat(js).cpu().numpy()
