@@ -114,10 +114,10 @@ def spatial_markers_spagcn(adata, *, domain_key: str = "spagcn.refined", targets
         nb = neighbour_domains(coords, labels, t, r, ratio)
         radii[t], nbrs[t] = float(r), nb
         sel = np.isin(labels, [t] + nb)
-        sub = adata[sel].copy() if layer is None else adata[sel].copy()
+        sub = adata[sel].copy()
         sub.obs["_target"] = pd.Categorical(np.where(labels[sel] == t, "target", "neighbours"))
-        res = markers(sub, groupby="_target", groups=["target"], reference="neighbours", layer=layer,
-                      use_gpu=use_gpu, key_added="_spagcn_tmp")
+        markers(sub, groupby="_target", groups=["target"], reference="neighbours", layer=layer,
+                use_gpu=use_gpu, key_added="_spagcn_tmp")
         tab = sub.uns["_spagcn_tmp"]["results"].copy()
         tab["group"] = t
         tab["fold_change"] = np.exp(tab["mean.in"].to_numpy() - tab["mean.out"].to_numpy())
@@ -126,7 +126,6 @@ def spatial_markers_spagcn(adata, *, domain_key: str = "spagcn.refined", targets
                        & (tab["in_out_ratio"] > min_in_out_group_ratio) & (tab["fold_change"] > min_fold_change))
         tab["neighbours"] = ",".join(nb)
         tables.append(tab)
-        del res
     results = pd.concat(tables, ignore_index=True)
     results["group"] = results["group"].astype(str)
     params = dict(domain_key=domain_key, targets=np.asarray(targets, dtype=str), layer=layer, ratio=ratio,
@@ -190,7 +189,7 @@ def spatial_metagene(adata, *, target: str, start_gene: str, domain_key: str = "
         sub = ad.AnnData(x[sel] if not sp.issparse(x) else sp.csr_matrix(x[sel]), var=adata.var[[]].copy())
         sub.obs_names = adata.obs_names[sel]
         sub.obs["_g"] = pd.Categorical(grp)
-        res = markers(sub, groupby="_g", layer=None, use_gpu=use_gpu, key_added="_m")
+        markers(sub, groupby="_g", layer=None, use_gpu=use_gpu, key_added="_m")
         tab = sub.uns["_m"]["results"]
         up = tab[tab["group"] == "target"].sort_values("score", ascending=False)["uid"].iloc[0]
         down = tab[tab["group"] == "other"].sort_values("score", ascending=False)["uid"].iloc[0]
@@ -206,7 +205,6 @@ def spatial_metagene(adata, *, target: str, start_gene: str, domain_key: str = "
         added.append(str(label(ju)))
         removed.append(str(label(jd)))
         name = f"{name}+{label(ju)}-{label(jd)}"
-        del res
     adata.obs[key_added] = meta.astype(np.float32)
     adata.uns[key_added] = {"name": name, "added": np.asarray(added, dtype=str),
                             "removed": np.asarray(removed, dtype=str),
