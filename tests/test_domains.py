@@ -204,3 +204,22 @@ def test_domains_gpu_close_to_cpu(dlpfc):
     out = spatial_detect_domains_spagcn(ad, seed=0, use_gpu=True)
     assert out["n_domains"] == 7
     assert _ari(truth, ad.obs["spagcn.refined"]) >= REF_ARI["151673"] - 0.05
+
+
+def test_through_the_dispatcher(tmp_path):
+    """The registry lines (kind "sample" and "joint") work through the modality dispatcher, with the
+    experiment's image store for the histology coordinate."""
+    import expkit as ek
+    from expkit.experiment import dispatch
+    from expkit.spatial import integrate_domains_spagcn, spatial_detect_domains_spagcn
+
+    ek.settings.progress = False
+    expm = ek.create_experiment(ek.datasets.dlpfc_demo(), tmp_path / "demo")
+    m = expm.spatial_bin
+    out = dispatch.run(m, spatial_detect_domains_spagcn, True, kind="sample", n_clusters=5, histology=True,
+                       max_epochs=30, seed=0)
+    assert set(out) == {"151673", "151674"} and all(r["n_domains"] == 5 for r in out.values())
+    assert "spagcn.refined" in m["151674"].obs
+    res = dispatch.run(m, integrate_domains_spagcn, True, kind="joint", n_clusters=5, max_epochs=30)
+    assert set(res) == {"151673", "151674"}
+    assert list(m["151673"].obs["integrated"].cat.categories) == list(m["151674"].obs["integrated"].cat.categories)
