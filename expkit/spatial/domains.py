@@ -175,8 +175,8 @@ def spatial_detect_domains_spagcn(adata, *, layer: str | None = "lognorm", n_clu
     bisection so that each spot's summed neighbour weight is ``p`` on average (SpaGCN's ``search_l``);
     (2) ``n_pcs`` principal components of ``layers[layer]``; (3) one graph convolution ``Z = A X W + b``
     (``A X`` computed once, sparse: weights below 1e-6 dropped); (4) initial clusters on a 10-NN graph of
-    ``Z`` (Louvain/Leiden, resolution walked from ``res_start`` by ``res_step`` until ``n_clusters``
-    communities; or k-means); (5) DEC training (Student-t ``q``, target ``p`` refreshed every 5 epochs, KL
+    ``Z`` (UMAP-weighted as scanpy's ``neighbors``; Louvain/Leiden, resolution walked from ``res_start`` by
+    ``res_step`` until ``n_clusters`` domains remain after 20 training epochs; or k-means); (5) DEC training (Student-t ``q``, target ``p`` refreshed every 5 epochs, KL
     loss, Adam ``lr``) until fewer than ``tol`` of the labels change; (6) ``refine_shape`` majority
     relabelling over the array grid.
 
