@@ -240,7 +240,8 @@ def to_igraph(conn: sp.spmatrix):
 
 
 def cluster_graph(g, resolution: float, method: str = "louvain", seed: int = 0) -> np.ndarray:
-    """Louvain (igraph multilevel) or Leiden (igraph, modularity with a resolution) communities, seeded.
+    """Louvain (igraph multilevel, on the unweighted graph as scanpy's ``louvain`` that SpaGCN calls) or Leiden
+    (igraph, weighted as scanpy's ``leiden``) communities maximising modularity with a resolution, seeded.
     ``g``: an igraph Graph with edge attribute "weight" (see :func:`to_igraph`) or a sparse matrix."""
     import igraph as ig
 
@@ -254,7 +255,8 @@ def cluster_graph(g, resolution: float, method: str = "louvain", seed: int = 0) 
             part = g.community_leiden(objective_function="modularity", weights="weight", resolution=resolution,
                                       n_iterations=-1)
         else:
-            part = g.community_multilevel(weights="weight", resolution=resolution)
+            # unweighted, as scanpy's louvain (use_weights=False by default), which SpaGCN calls
+            part = g.community_multilevel(weights=None, resolution=resolution)
     finally:
         ig.set_random_number_generator(random)
     labels = np.asarray(part.membership)
