@@ -61,6 +61,13 @@ def test_integrated_and_markers(expm, tmp_path):
     assert (samples[g.row] == samples[g.col]).all(), "the spatial graph links spots across slides"
     m.integrate(run_on_samples=None, batch_key="batch", seed=0)
     assert "pca.harmony" in m.integrated.obsm
+    m.knn(run_on_samples=None, use_rep="pca.harmony", n_neighbors=15)
+    m.leiden(run_on_samples=None, resolution=0.5, seed=0)
+    m.umap(run_on_samples=None, seed=0, n_epochs=100)
+    integ = m.integrated
+    assert integ.obsm["knn"].shape == (integ.n_obs, 15) and integ.obsm["umap"].shape == (integ.n_obs, 2)
+    counts = integ.obs.groupby(["leiden", "sample"], observed=False).size().unstack()
+    assert (counts > 0).all(axis=1).mean() > 0.5, "harmony-corrected clusters should span both sections"
     expm.save()
     again = ek.load_experiment(expm.path)
     assert "pca.harmony" in again.spatial_bin.integrated.obsm

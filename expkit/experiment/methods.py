@@ -18,6 +18,10 @@ METHODS: dict[str, tuple[str, tuple[str, ...] | None, str]] = {
     "log_normalize": ("expkit.pp:log_normalize", ALL, "sample"),
     "select_hvg": ("expkit.pp:select_hvg", ALL, "sample"),  # on the integrated data pass batch_key="batch"
     "scale_pca": ("expkit.pp:scale_pca", ALL, "sample"),
+    # neighbours, clustering, embedding
+    "knn": ("expkit.tl:knn", ALL, "sample"),
+    "leiden": ("expkit.tl:leiden", ALL, "sample"),
+    "umap": ("expkit.tl:umap", ALL, "sample"),
     # markers and batch integration
     "markers": ("expkit.tl:markers", ALL, "sample"),
     "get_markers": ("expkit.tl:get_markers", ALL, "read"),
