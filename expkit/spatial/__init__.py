@@ -1,7 +1,10 @@
-"""Spatial analysis: neighbour graphs, spatial autocorrelation, spatially variable genes."""
+"""Spatial analysis: neighbour graphs, spatial autocorrelation, spatially variable genes, spatial domains."""
 from __future__ import annotations
 
 from .autocorr import spatial_autocorr
+from .domain_markers import spatial_markers_spagcn, spatial_metagene
+from .domains import integrate_domains_spagcn, spatial_detect_domains_spagcn
 from .graph import spatial_components, spatial_neighbors
 
-__all__ = ["spatial_neighbors", "spatial_components", "spatial_autocorr"]
+__all__ = ["spatial_neighbors", "spatial_components", "spatial_autocorr", "spatial_detect_domains_spagcn",
+           "integrate_domains_spagcn", "spatial_markers_spagcn", "spatial_metagene"]
