@@ -30,6 +30,11 @@ METHODS: dict[str, tuple[str, tuple[str, ...] | None, str]] = {
     "spatial_neighbors": ("expkit.spatial:spatial_neighbors", SPATIAL, "sample"),
     "spatial_components": ("expkit.spatial:spatial_components", SPATIAL, "sample"),
     "spatial_autocorr": ("expkit.spatial:spatial_autocorr", SPATIAL, "sample"),
+    # spatial domains (SpaGCN), domain markers and metagenes
+    "spatial_detect_domains_spagcn": ("expkit.spatial.domains:spatial_detect_domains_spagcn", SPATIAL, "sample"),
+    "integrate_domains_spagcn": ("expkit.spatial.domains:integrate_domains_spagcn", SPATIAL, "joint"),
+    "spatial_markers_spagcn": ("expkit.spatial.domain_markers:spatial_markers_spagcn", SPATIAL, "sample"),
+    "spatial_metagene": ("expkit.spatial.domain_markers:spatial_metagene", SPATIAL, "sample"),
     # images and plots
     "get_image": ("expkit.io.images:get_image", SPATIAL, "read"),
     "plot_spatial": ("expkit.pl.spatial:plot_spatial", SPATIAL, "joint-read"),
