@@ -1,0 +1,4 @@
+"""Spatial analyses on one AnnData (plain functions)."""
+from .svg import svg_spatialde
+
+__all__ = ["svg_spatialde"]
