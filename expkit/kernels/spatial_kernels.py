@@ -20,6 +20,7 @@ No ``n x n`` temporary is formed outside :class:`DenseKernel`.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import scipy.sparse as sp
@@ -28,7 +29,7 @@ from scipy.spatial import ConvexHull, cKDTree
 
 __all__ = [
     "default_lengthscales", "DenseKernel", "SparseKernel", "LowRankKernel", "SumKernel",
-    "se_dense", "se_sparse", "se_lowrank", "cosine_kernel", "se_sparse_nnz", "hadamard_rowsum",
+    "sqdist", "se_dense", "se_sparse", "se_lowrank", "cosine_kernel", "se_sparse_nnz", "hadamard_rowsum",
 ]
 
 
@@ -275,14 +276,21 @@ def _sqdist_block(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def se_dense(coords, lengthscale: float, device: torch.device, dtype=torch.float64,
-             chunk: int = 2048) -> DenseKernel:
-    """The full SE kernel matrix, built in row chunks."""
+def sqdist(coords, device: torch.device, chunk: int = 2048) -> torch.Tensor:
+    """The full matrix of squared distances (exact differences, row chunks)."""
     x = torch.as_tensor(np.asarray(coords, dtype=np.float64), device=device)
     n = x.shape[0]
-    K = torch.empty(n, n, dtype=dtype, device=device)
+    D = torch.empty(n, n, dtype=torch.float64, device=device)
     for s in range(0, n, chunk):
-        K[s:s + chunk] = torch.exp(-_sqdist_block(x[s:s + chunk], x) / (2.0 * lengthscale ** 2)).to(dtype)
+        D[s:s + chunk] = _sqdist_block(x[s:s + chunk], x)
+    return D
+
+
+def se_dense(coords, lengthscale: float, device: torch.device, dtype=torch.float64,
+             chunk: int = 2048, sqdist_matrix: torch.Tensor | None = None) -> DenseKernel:
+    """The full SE kernel matrix (from a shared squared-distance matrix when given)."""
+    D = sqdist(coords, device, chunk) if sqdist_matrix is None else sqdist_matrix
+    K = torch.exp(D * (-1.0 / (2.0 * lengthscale ** 2))).to(dtype)
     return DenseKernel(K, name=f"SE_l{lengthscale:.5g}")
 
 
@@ -320,9 +328,12 @@ def se_sparse(coords, lengthscale: float, tol: float, device: torch.device, dtyp
     m = sp.csr_matrix((vals, (rows, cols)), shape=(n, n))
     m.sum_duplicates()
     m.sort_indices()
-    K = torch.sparse_csr_tensor(torch.as_tensor(m.indptr, dtype=torch.int64),
-                                torch.as_tensor(m.indices, dtype=torch.int64),
-                                torch.as_tensor(m.data, dtype=dtype), size=(n, n)).to(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        K = torch.sparse_csr_tensor(torch.as_tensor(m.indptr, dtype=torch.int64),
+                                    torch.as_tensor(m.indices, dtype=torch.int64),
+                                    torch.as_tensor(m.data, dtype=dtype), size=(n, n),
+                                    check_invariants=False).to(device)
     return SparseKernel(K, name=f"SE_l{lengthscale:.5g}", tol=tol)
 
 

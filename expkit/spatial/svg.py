@@ -113,10 +113,14 @@ def _plan_kernel(kind, l, coords, n, method, tol, sparse_tol, budget):
             "fallback_sparse_bytes": sparse_bytes, "dense_bytes": dense_bytes}
 
 
-def _build_kernel(kind, l, coords, plan, device, tol, sparse_tol, budget):
+def _build_kernel(kind, l, coords, plan, device, tol, sparse_tol, budget, dist_cache=None):
     if plan["rep"] == "cosine":
         return sk.cosine_kernel(coords, l, device)
     if plan["rep"] == "dense":
+        if dist_cache is not None:
+            if "D" not in dist_cache:
+                dist_cache["D"] = sk.sqdist(coords, device)
+            return sk.se_dense(coords, l, device, sqdist_matrix=dist_cache["D"])
         return sk.se_dense(coords, l, device)
     if plan["rep"] == "sparse":
         return sk.se_sparse(coords, l, sparse_tol, device)
@@ -347,6 +351,8 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
     Iinfo = np.full((g, n_k), np.nan)
     reps = {}
     hits = 0
+    # the squared distances are shared by the dense SE kernels (when two n x n matrices fit)
+    dist_cache = {} if (mode == "exact" and 16 * n * n + chunk_bytes <= budget) else None
 
     def get_op(j):
         nonlocal hits
@@ -356,7 +362,7 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
             hits += 1
             _KERNEL_CACHE.move_to_end(key)
             return _KERNEL_CACHE[key]
-        op = _build_kernel(kind, l, cs, plans[j], device, tol, sparse_tol, budget)
+        op = _build_kernel(kind, l, cs, plans[j], device, tol, sparse_tol, budget, dist_cache)
         if use_cache and op.nbytes <= _KERNEL_CACHE_BYTES // 2:
             _KERNEL_CACHE[key] = op
             while sum(o.nbytes for o in _KERNEL_CACHE.values()) > _KERNEL_CACHE_BYTES:
@@ -401,6 +407,7 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
                     run_op(op, j)
                     del op
                     advance(names[j])
+        dist_cache = None
 
     # ---- p-values (log space throughout)
     logp_k, kappa, nu = st.satterthwaite_logp(U, E, Iinfo)
