@@ -93,7 +93,7 @@ def dlpfc300(shared_data):
     return adata
 
 
-def _perkernel_checks(adata, ref, key="spatialde", min_same=0.8):
+def _perkernel_checks(adata, ref, key="spatialde", min_same=0.75):
     """Check U, e, I against SpatialDE2; returns the mask of genes with the same null fit.
 
     Same null fit: all ten e agree to 1e-5 (e depends on the null fit alone). On those, I agrees to 1e-4
@@ -150,7 +150,7 @@ def test_mob_omnibus(mob_omnibus, shared_reference):
     ref = pd.read_csv(shared_reference / "sde2_mob_omnibus.tsv.gz", sep="\t", index_col=0).loc[mob_omnibus.var_names]
     e_rel = _rel(mob_omnibus.varm["spatialde.e"]["omnibus"], ref["e_tilde"])
     same = e_rel < 1e-5
-    assert same.mean() >= 0.8
+    assert same.mean() >= 0.75
     over = same & (mob_omnibus.varm["spatialde.null"]["dispersion"].to_numpy() > 1e-6)
     assert _rel(mob_omnibus.varm["spatialde.I"]["omnibus"], ref["I_tilde"])[same].max() < 1e-4
     assert _rel(mob_omnibus.varm["spatialde.U"]["omnibus"], ref["U_tilde"])[over].max() < 1e-4
@@ -244,9 +244,9 @@ def test_custom_kernel_space_and_sizefactors(small):
     b = small.copy()
     svg_spatialde(b, kernel_space={"SE": 3.0, "PER": [5.0, 10.0]}, progress=False)
     # size factors only matter up to a constant (the intercept absorbs it)
-    same = np.isclose(a.varm["spatialde.null"]["dispersion"], b.varm["spatialde.null"]["dispersion"], rtol=1e-6)
-    assert same.mean() > 0.95
-    np.testing.assert_allclose(res["spatialde.log10p"][same], b.var["spatialde.log10p"][same], rtol=1e-6)
+    same = np.isclose(a.varm["spatialde.null"]["dispersion"], b.varm["spatialde.null"]["dispersion"], rtol=1e-4)
+    assert same.mean() > 0.98
+    np.testing.assert_allclose(res["spatialde.log10p"][same], b.var["spatialde.log10p"][same], rtol=1e-5)
 
 
 def _dense_gaussian_reference(y, K):

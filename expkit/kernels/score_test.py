@@ -34,12 +34,35 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------
 # null models
 # ----------------------------------------------------------------------------------------------
+def _lgamma_ratio(yv, r):
+    """``lgamma(y + r) - lgamma(r) - y log r`` and the digamma / trigamma differences
+    ``psi(r) - psi(y + r)``, ``psi'(r) - psi'(y + r)``, accurate also for ``r >> y`` (a -> 0), where the
+    direct forms cancel: there, for integer ``y``, the sums ``sum_k log(1 + k/r)``, ``sum_k 1/(r + k)`` and
+    ``sum_k 1/(r + k)^2`` over ``k < y`` are expanded in ``1/r`` with ``S_p = sum_k k^p``."""
+    big = (r > 1e6 * torch.clamp(yv, min=1.0)) & (yv == torch.round(yv))
+    rs = torch.where(big, r, torch.ones_like(r))
+    s1 = yv * (yv - 1.0) / 2.0
+    s2 = (yv - 1.0) * yv * (2.0 * yv - 1.0) / 6.0
+    s3 = s1 * s1
+    inv = 1.0 / rs
+    series_lg = s1 * inv - s2 * inv ** 2 / 2.0 + s3 * inv ** 3 / 3.0
+    series_psi = -(yv * inv - s1 * inv ** 2 + s2 * inv ** 3)
+    series_tri = yv * inv ** 2 - 2.0 * s1 * inv ** 3 + 3.0 * s2 * inv ** 4
+    rd = torch.where(big, torch.ones_like(r), r)
+    direct_lg = torch.lgamma(yv + rd) - torch.lgamma(rd) - yv * torch.log(rd)
+    direct_psi = torch.digamma(rd) - torch.digamma(yv + rd)
+    direct_tri = torch.polygamma(1, rd) - torch.polygamma(1, yv + rd)
+    return (torch.where(big, series_lg, direct_lg), torch.where(big, series_psi, direct_psi),
+            torch.where(big, series_tri, direct_tri))
+
+
 def _nb_loglik(yv, col, ysum, L, yL, r, phi, beta, g):
     """NB log-likelihood per gene up to a constant: the gamma-function terms only where ``y > 0``
-    (``yv`` values of column ``col``); ``L = log(1 + a m)``; ``yL = sum_i y_i L_i``."""
-    lg = torch.lgamma(yv + r[col]) - torch.lgamma(r[col])
+    (``yv`` values of column ``col``); ``L = log(1 + a m)``; ``yL = sum_i y_i L_i``.
+    ``lgamma(y + r) - lgamma(r) + y log a`` is evaluated as one term (no cancellation for small a)."""
+    lg, _, _ = _lgamma_ratio(yv, r[col])
     out = torch.zeros(g, dtype=yv.dtype, device=yv.device).index_add_(0, col, lg)
-    return out - r * L.sum(0) - yL + ysum * (phi + beta)
+    return out - r * L.sum(0) - yL + ysum * beta
 
 
 def _nz(y):
@@ -98,11 +121,9 @@ def fit_nb_null(y: torch.Tensor, s: torch.Tensor, *, max_iter: int = 60,
         res = (yy - m) / den
         g_b = res.sum(0)
         h_bb = -(m * (1.0 + a * yy) / den ** 2).sum(0)
-        rc = r[colv]
-        dpsi = torch.zeros(k, dtype=y.dtype, device=y.device).index_add_(
-            0, colv, torch.digamma(rc) - torch.digamma(yv + rc))
-        dtri = torch.zeros(k, dtype=y.dtype, device=y.device).index_add_(
-            0, colv, torch.polygamma(1, rc) - torch.polygamma(1, yv + rc))
+        _, psi_d, tri_d = _lgamma_ratio(yv, r[colv])
+        dpsi = torch.zeros(k, dtype=y.dtype, device=y.device).index_add_(0, colv, psi_d)
+        dtri = torch.zeros(k, dtype=y.dtype, device=y.device).index_add_(0, colv, tri_d)
         Lsum = torch.log1p(a * m).sum(0)
         g_p = r * (dpsi + Lsum) + g_b
         h_pp = -r * (dpsi + Lsum) - r ** 2 * dtri + (m / den).sum(0) - a * ((yy - m) * m / den ** 2).sum(0)
