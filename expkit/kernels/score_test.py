@@ -135,7 +135,7 @@ def fit_nb_null(y: torch.Tensor, s: torch.Tensor, *, max_iter: int = 60,
         at_hi = (p >= hi - 1e-12) & (g_p > 0)
         frozen = at_lo | at_hi
         # converged: gradient zero to rounding (log a: or pinned at a bound)
-        gscale = 1e-9 * (1.0 + ysum)
+        gscale = 1e-8 * (1.0 + ysum)
         done = (g_b.abs() < gscale) & ((g_p.abs() < gscale) | frozen)
         fb = fallback[idx]
         det = h_bb * h_pp - h_bp ** 2
@@ -157,9 +157,15 @@ def fit_nb_null(y: torch.Tensor, s: torch.Tensor, *, max_iter: int = 60,
         d_b = d_b.clamp(-5.0, 5.0)
         old = ll[idx]
         step = torch.ones_like(b)
-        accepted = done.clone()
+        # close to the optimum (Hessian negative definite, short step) the Newton step is taken as is
+        # (no likelihood evaluation); its log-likelihood is then unknown until the next line search
+        trust = negdef & ~frozen & (d_b.abs() < 0.05) & (d_p.abs() < 0.05) & ~done
+        accepted = done | trust
         new_b, new_p, new_ll = b.clone(), p.clone(), old.clone()
-        for _ls in range(40):
+        new_b[trust] = b[trust] + d_b[trust]
+        new_p[trust] = (p[trust] + d_p[trust]).clamp(lo, hi)
+        new_ll[trust] = -math.inf
+        for _ls in range(25):
             todo = torch.nonzero(~accepted).squeeze(1)
             if todo.numel() == 0:
                 break
