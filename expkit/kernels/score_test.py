@@ -135,7 +135,7 @@ def fit_nb_null(y: torch.Tensor, s: torch.Tensor, *, max_iter: int = 60,
         at_hi = (p >= hi - 1e-12) & (g_p > 0)
         frozen = at_lo | at_hi
         # converged: gradient zero to rounding (log a: or pinned at a bound)
-        gscale = 1e-8 * (1.0 + ysum)
+        gscale = 1e-9 * (1.0 + ysum)
         done = (g_b.abs() < gscale) & ((g_p.abs() < gscale) | frozen)
         fb = fallback[idx]
         det = h_bb * h_pp - h_bp ** 2
