@@ -104,18 +104,18 @@ def _plan_kernel(kind, l, coords, n, method, tol, sparse_tol, budget):
         return {"rep": "dense", "bytes": dense_bytes}
     nnz_row = sk.se_sparse_nnz(coords, l, sparse_tol)
     sparse_bytes = int(nnz_row * n * 16 * 2.5)  # values + indices, and the build's temporaries
-    # a rank-r factor costs about 2 r n per column; a CSR product about 3 nnz_row n
-    max_rank = int(min(n, max(16, 1.5 * nnz_row), 4096))
-    if nnz_row <= 64 or (nnz_row < 0.25 * n and sparse_bytes <= budget and nnz_row * 1.5 < max_rank * 0.5):
-        return {"rep": "sparse", "bytes": sparse_bytes, "nnz_row": nnz_row}
     # numerical rank of an SE kernel ~ (number of spots) / (spots within a few lengthscales): a rough
     # estimate from the non-zeros per row (it gave 1.5-3x the actual rank on DLPFC)
     rank_est = min(n, 200.0 * n / max(nnz_row, 1.0))
+    # a rank-r factor costs about 2 r n per column; a CSR product about 3 nnz_row n
+    if sparse_bytes <= budget and (nnz_row <= 64 or 2.0 * rank_est > 3.0 * nnz_row) and nnz_row < 0.5 * n:
+        return {"rep": "sparse", "bytes": sparse_bytes, "nnz_row": nnz_row}
     if sparse_bytes > budget and n * rank_est ** 2 > 1e12 and dense_bytes > budget:
         raise ResourceError(
             f"SE kernel with lengthscale {l:.5g} on {n} spots is too wide to be sparse ({nnz_row:.0f} entries "
             f"per row, {sparse_bytes / 1024 ** 3:.1f} GiB) and too narrow to be low rank (rank ~{rank_est:.0f}); "
             "pass a kernel_space without it")
+    max_rank = int(min(n, 4096))
     max_rank = int(min(max_rank, max(64, 2 * rank_est), math.sqrt(2e12 / n)))
     lowrank_bytes = 8 * n * max_rank
     return {"rep": "lowrank", "bytes": lowrank_bytes, "max_rank": max_rank, "nnz_row": nnz_row,
