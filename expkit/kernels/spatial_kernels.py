@@ -347,31 +347,31 @@ def se_lowrank(coords, lengthscale: float, tol: float, device: torch.device, max
     x = torch.as_tensor(np.asarray(coords, dtype=np.float64), device=device)
     n = x.shape[0]
     max_rank = int(min(max_rank, n))
-    F = torch.zeros(n, max_rank, dtype=torch.float64, device=device)
+    Ft = torch.zeros(max_rank, n, dtype=torch.float64, device=device)  # rows = factor columns
     dres = torch.ones(n, dtype=torch.float64, device=device)
     target = tol * n
     k = 0
     inv2l2 = 1.0 / (2.0 * lengthscale ** 2)
     while k < max_rank:
-        total = float(dres.sum())
-        if total <= target:
+        if k % 8 == 0 and float(dres.sum()) <= target:  # one host sync every 8 steps
             break
-        i = int(torch.argmax(dres))
-        piv = float(dres[i])
+        piv, i = torch.max(dres, 0)
+        piv = float(piv)
         if piv <= 0:
             break
         col = torch.exp(-((x - x[i]) ** 2).sum(1) * inv2l2)
         if k:
-            col = col - F[:, :k] @ F[i, :k]
+            col = col - Ft[:k, i] @ Ft[:k]
         f = col / math.sqrt(piv)
-        F[:, k] = f
+        Ft[k] = f
         dres = torch.clamp(dres - f * f, min=0.0)
         dres[i] = 0.0
         k += 1
+    F = Ft[:k].T
     residual = float(dres.sum()) / n
     if residual > tol:
         return None
-    F = F[:, :k].contiguous().to(dtype)
+    F = F.contiguous().to(dtype)
     return LowRankKernel(F, name=f"SE_l{lengthscale:.5g}",
                          exact_diag=torch.ones(n, dtype=dtype, device=device), residual=residual, tol=tol)
 
