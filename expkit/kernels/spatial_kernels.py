@@ -136,7 +136,7 @@ class SparseKernel(_Kernel):
         return self.K @ x
 
     def diag(self):
-        crow, col, val = self.K.crow_indices(), self.K.col_indices(), self.K.values()
+        col, val = self.K.col_indices(), self.K.values()
         rows = self.rows()
         out = torch.zeros(self.n, dtype=val.dtype, device=val.device)
         m = rows == col
