@@ -42,7 +42,9 @@ def _read_10x_h5(path):
         X = sp.csc_matrix((m["data"][:], m["indices"][:], m["indptr"][:]), shape=tuple(m["shape"][:])).T.tocsr()
         barcodes = m["barcodes"][:].astype(str)
         genes = m["features"]["name"][:].astype(str)
-    return X, barcodes, genes
+        ftype = m["features"]["feature_type"][:].astype(str)
+    keep = ftype == "Gene Expression"  # Xenium also lists control probes and codewords
+    return X[:, keep], barcodes, genes[keep]
 
 
 def _dlpfc():
