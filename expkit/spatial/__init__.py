@@ -1,3 +1,4 @@
+<<<<<<< HEAD
 """Spatial analysis: neighbour graphs, spatial autocorrelation, spatially variable genes, spatial domains."""
 from __future__ import annotations
 
@@ -8,3 +9,9 @@ from .graph import spatial_components, spatial_neighbors
 
 __all__ = ["spatial_neighbors", "spatial_components", "spatial_autocorr", "spatial_detect_domains_spagcn",
            "integrate_domains_spagcn", "spatial_markers_spagcn", "spatial_metagene"]
+=======
+"""Spatial analyses on one AnnData (plain functions)."""
+from .svg import svg_spatialde
+
+__all__ = ["svg_spatialde"]
+>>>>>>> svg

@@ -1,0 +1,475 @@
+"""Spatially variable genes: SpatialDE2's score test (Kats, Vento-Tormo & Stegle 2021) for all genes at once."""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from collections import OrderedDict
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+from .. import __version__
+from .._logging import logger, progress as _progress
+from ..errors import InputError, KeyNotFoundError, ResourceError
+from ..kernels import score_test as st
+from ..kernels import spatial_kernels as sk
+from ..kernels.device import resolve_device
+
+__all__ = ["svg_spatialde", "clear_cache"]
+
+_OBS_DIST = {"negative_binomial": "negative_binomial", "nb": "negative_binomial",
+             "negativebinomial": "negative_binomial", "normal": "normal", "gaussian": "normal"}
+
+# in-memory caches (never stored in the AnnData): kernel operators and null-model fits
+_KERNEL_CACHE: OrderedDict = OrderedDict()
+_NULL_CACHE: OrderedDict = OrderedDict()
+_KERNEL_CACHE_BYTES = 2 * 1024 ** 3
+_NULL_CACHE_ITEMS = 8
+
+
+def clear_cache() -> None:
+    """Drop the cached kernels and null fits of :func:`svg_spatialde`."""
+    _KERNEL_CACHE.clear()
+    _NULL_CACHE.clear()
+
+
+def _hash_arrays(*arrays) -> str:
+    h = hashlib.sha1()
+    for a in arrays:
+        if a is None:
+            h.update(b"none")
+        elif sp.issparse(a):
+            a = sp.csr_matrix(a)
+            for part in (a.indptr, a.indices, a.data):
+                h.update(np.ascontiguousarray(part).view(np.uint8))
+            h.update(str(a.shape).encode())
+        else:
+            a = np.ascontiguousarray(np.asarray(a))
+            h.update(str((a.shape, a.dtype.str)).encode())
+            h.update(a.view(np.uint8) if a.size else b"")
+    return h.hexdigest()
+
+
+def _available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return 8 * 1024 ** 3
+
+
+def _parse_kernel_space(kernel_space, coords) -> list[tuple[str, float]]:
+    if kernel_space is None:
+        ls = sk.default_lengthscales(coords)
+        kernel_space = {"SE": ls, "PER": ls}
+    if not isinstance(kernel_space, dict) or not kernel_space:
+        raise InputError("kernel_space must be a dict like {'SE': [lengthscales], 'PER': [lengthscales]}")
+    out = []
+    for kind, values in kernel_space.items():
+        k = {"se": "SE", "squaredexponential": "SE", "per": "PER", "cosine": "PER"}.get(str(kind).lower())
+        if k is None:
+            raise InputError(f"unknown kernel {kind!r} in kernel_space (known: 'SE', 'PER')")
+        for l in np.atleast_1d(np.asarray(values, dtype=np.float64)):
+            if not np.isfinite(l) or l <= 0:
+                raise InputError(f"kernel_space[{kind!r}]: lengthscales must be positive, got {l}")
+            out.append((k, float(l)))
+    return out
+
+
+def _kernel_name(kind: str, l: float) -> str:
+    return f"{kind}_l{l:.5g}"
+
+
+# ----------------------------------------------------------------------------------------------
+# kernel construction plan
+# ----------------------------------------------------------------------------------------------
+def _plan_kernel(kind, l, coords, n, method, tol, sparse_tol, budget):
+    """Choose a representation and estimate its memory, before anything large is allocated."""
+    if kind == "PER":
+        return {"rep": "cosine", "bytes": 16 * n}
+    dense_bytes = 8 * n * n
+    if method == "exact":
+        return {"rep": "dense", "bytes": dense_bytes}
+    nnz_row = sk.se_sparse_nnz(coords, l, sparse_tol)
+    sparse_bytes = int(nnz_row * n * 16 * 2.5)  # values + indices, and the build's temporaries
+    # numerical rank of an SE kernel ~ (number of spots) / (spots within a few lengthscales): a rough
+    # estimate from the non-zeros per row (it gave 1.5-3x the actual rank on DLPFC)
+    rank_est = min(n, 200.0 * n / max(nnz_row, 1.0))
+    # a rank-r factor costs about 2 r n per column; a CSR product about 3 nnz_row n
+    if sparse_bytes <= budget and (nnz_row <= 64 or 2.0 * rank_est > 3.0 * nnz_row) and nnz_row < 0.5 * n:
+        return {"rep": "sparse", "bytes": sparse_bytes, "nnz_row": nnz_row}
+    if sparse_bytes > budget and n * rank_est ** 2 > 1e12 and dense_bytes > budget:
+        raise ResourceError(
+            f"SE kernel with lengthscale {l:.5g} on {n} spots is too wide to be sparse ({nnz_row:.0f} entries "
+            f"per row, {sparse_bytes / 1024 ** 3:.1f} GiB) and too narrow to be low rank (rank ~{rank_est:.0f}); "
+            "pass a kernel_space without it")
+    max_rank = int(min(n, 4096))
+    max_rank = int(min(max_rank, max(64, 2 * rank_est), math.sqrt(2e12 / n)))
+    lowrank_bytes = 8 * n * max_rank
+    return {"rep": "lowrank", "bytes": lowrank_bytes, "max_rank": max_rank, "nnz_row": nnz_row,
+            "fallback_sparse_bytes": sparse_bytes, "dense_bytes": dense_bytes}
+
+
+def _build_kernel(kind, l, coords, plan, device, tol, sparse_tol, budget, dist_cache=None):
+    if plan["rep"] == "cosine":
+        return sk.cosine_kernel(coords, l, device)
+    if plan["rep"] == "dense":
+        if dist_cache is not None:
+            if "D" not in dist_cache:
+                dist_cache["D"] = sk.sqdist(coords, device)
+            return sk.se_dense(coords, l, device, sqdist_matrix=dist_cache["D"])
+        return sk.se_dense(coords, l, device)
+    if plan["rep"] == "sparse":
+        return sk.se_sparse(coords, l, sparse_tol, device)
+    op = sk.se_lowrank(coords, l, tol, device, max_rank=plan["max_rank"])
+    if op is not None:
+        return op
+    # not low rank at this tolerance: the cheaper of sparse and dense that fits
+    if plan["dense_bytes"] <= budget and plan["nnz_row"] > 0.25 * coords.shape[0]:
+        return sk.se_dense(coords, l, device)
+    if plan["fallback_sparse_bytes"] <= budget:
+        return sk.se_sparse(coords, l, sparse_tol, device)
+    if plan["dense_bytes"] <= budget:
+        return sk.se_dense(coords, l, device)
+    raise ResourceError(
+        f"SE kernel with lengthscale {l:.5g} on {coords.shape[0]} spots is neither low rank (rank > "
+        f"{plan['max_rank']} at tol={tol}) nor sparse enough ({plan['nnz_row']:.0f} entries per row) to fit "
+        f"in {budget / 1024 ** 3:.1f} GiB; pass a kernel_space without it")
+
+
+# ----------------------------------------------------------------------------------------------
+# main function
+# ----------------------------------------------------------------------------------------------
+def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "spatial",
+                  kernel_space: dict | None = None, sizefactors=None, obs_dist: str = "negative_binomial",
+                  omnibus: bool = False, use_cache: bool = True, use_gpu: bool = False,
+                  progress: bool = True, n_svg: int = 500, key_added: str = "spatialde",
+                  method: str = "auto", tol: float = 1e-6, sparse_tol: float = 1e-8,
+                  exact_max_spots: int = 2000, chunk_size: int | None = None,
+                  max_memory: float | None = None) -> pd.DataFrame:
+    """Test every gene for spatial variation with SpatialDE2's score test.
+
+    Per gene, a negative-binomial null ``y_i ~ NB(s_i exp(b), a)`` (size factors ``s``) is fitted for
+    all genes at once (batched Newton), and a score test of a variance component ``tau K`` on the log
+    mean is done for each kernel ``K`` of ``kernel_space``: ``U = 1/2 (W r)' K (W r)`` with
+    ``W = m / (1 + a m)`` and ``r = y / m - 1``, its expectation ``e = 1/2 tr(P K)`` and information
+    ``I`` (SpatialDE2's definition ``I_tt = 1/2 ||P K||_F^2``, see ``docs/svg.md``), Satterthwaite
+    scaled chi-square p-values, then a Cauchy combination over kernels (``omnibus=False``) or one test
+    of the summed kernel (``omnibus=True``) and Benjamini-Hochberg.
+
+    Parameters
+    ----------
+    layer
+        Counts layer (``None``: ``X``; ``"counts"`` falls back to ``X`` when the layer is absent).
+    spatial_key
+        ``obsm`` key of the coordinates.
+    kernel_space
+        ``{"SE": [lengthscales], "PER": [lengthscales]}``; default: SpatialDE2's, both kernels at 5
+        log-spaced lengthscales from twice the smallest to the largest distance between spots.
+    sizefactors
+        Array (n_obs) or ``obs`` key; default: total counts per spot over all genes of ``layer``. Spots
+        with size factor 0 are left out (NB model).
+    obs_dist
+        ``"negative_binomial"`` (counts) or ``"normal"`` (Gaussian score test with a constant mean, for a
+        normalised layer).
+    method
+        ``"exact"`` (dense kernels), ``"approx"`` (SE kernels sparse below ``sparse_tol`` or low rank by
+        a pivoted Cholesky stopped at a relative residual trace ``tol``; the cosine kernel is always
+        exactly rank 2) or ``"auto"`` (exact up to ``exact_max_spots`` spots).
+    use_cache
+        Reuse kernels and null fits from earlier calls with the same coordinates / counts / parameters
+        (kept in memory in this module, never in ``adata``).
+    max_memory
+        Memory budget in GiB (default: the memory available now). A run that cannot fit raises
+        :class:`expkit.errors.ResourceError` before it starts.
+
+    Writes ``var['<key>.pval']``, ``['<key>.padj']``, ``['<key>.log10p']`` (log10 p, finite where p
+    underflows), ``['<key>.rank']`` (1 = most significant), ``['<key>.svg']`` (padj < 0.05 and rank <=
+    ``n_svg``); ``varm['<key>.U' | '<key>.e' | '<key>.I' | '<key>.log10p']`` per kernel (DataFrames,
+    one column per kernel); ``varm['<key>.null']`` the null fit (log mean ``b`` per unit size factor and
+    dispersion ``a``; mean and variance for the normal model); ``uns[key]`` with params, kernels and their representations.
+    Genes without counts get NaN and are left out of the correction. Returns the per-gene table.
+    """
+    dist = _OBS_DIST.get(str(obs_dist).lower().replace("-", "_").replace(" ", "_"))
+    if dist is None:
+        raise InputError(f"obs_dist must be 'negative_binomial' or 'normal', not {obs_dist!r}")
+    if method not in ("auto", "exact", "approx"):
+        raise InputError(f"method must be 'auto', 'exact' or 'approx', not {method!r}")
+    device = resolve_device(use_gpu)
+
+    # ---- inputs
+    if layer is None:
+        X = adata.X
+    elif layer in adata.layers:
+        X = adata.layers[layer]
+    elif layer == "counts":
+        logger.info("svg_spatialde: no layer 'counts', using X")
+        X = adata.X
+    else:
+        raise KeyNotFoundError(f"layer {layer!r} not in adata.layers (available: {list(adata.layers)})")
+    if spatial_key not in adata.obsm:
+        raise KeyNotFoundError(f"obsm key {spatial_key!r} not found (available: {list(adata.obsm)})")
+    coords = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
+    if coords.ndim != 2 or coords.shape[0] != adata.n_obs:
+        raise InputError(f"obsm[{spatial_key!r}] must be n_obs x d coordinates")
+    X = sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
+    n_obs, n_vars = X.shape
+    if sizefactors is None:
+        s_all = np.asarray(X.sum(1), dtype=np.float64).ravel()
+    elif isinstance(sizefactors, str):
+        if sizefactors not in adata.obs:
+            raise KeyNotFoundError(f"sizefactors: obs column {sizefactors!r} not found")
+        s_all = adata.obs[sizefactors].to_numpy(dtype=np.float64)
+    else:
+        s_all = np.asarray(sizefactors, dtype=np.float64).ravel()
+        if s_all.shape[0] != n_obs:
+            raise InputError(f"sizefactors has {s_all.shape[0]} values for {n_obs} spots")
+    if dist == "negative_binomial":
+        spots = np.nonzero(s_all > 0)[0]
+    else:
+        spots = np.arange(n_obs)
+    if spots.size < 3:
+        raise InputError("svg_spatialde needs at least 3 spots with a positive size factor")
+    Xs = X[spots] if spots.size < n_obs else X
+    Xs = sp.csr_matrix(Xs, dtype=np.float64) if sp.issparse(Xs) else np.asarray(Xs, dtype=np.float64)
+    cs = coords[spots]
+    s = s_all[spots]
+    n = spots.size
+    if dist == "negative_binomial":
+        if (Xs.data if sp.issparse(Xs) else Xs).min(initial=0) < 0:
+            raise InputError("negative values in the counts: the negative-binomial test needs raw counts")
+        totals = np.asarray(Xs.sum(0)).ravel()
+        tested = np.nonzero(totals > 0)[0]
+    else:
+        sq = np.asarray((Xs.multiply(Xs) if sp.issparse(Xs) else Xs ** 2).sum(0)).ravel()
+        mean = np.asarray(Xs.mean(0)).ravel()
+        tested = np.nonzero(sq / n - mean ** 2 > 1e-12 * np.maximum(sq / n, 1e-300))[0]
+    kernels = _parse_kernel_space(kernel_space, cs)
+    names = [_kernel_name(k, l) for k, l in kernels]
+    mode = ("exact" if n <= exact_max_spots else "approx") if method == "auto" else method
+
+    # ---- memory plan (before anything large is allocated)
+    budget = int((max_memory * 1024 ** 3) if max_memory is not None else 0.8 * _available_memory(device))
+    g = tested.size
+    if chunk_size is None:
+        chunk_size = int(max(1, min(g if g else 1, (256 * 1024 ** 2) // (8 * 12 * n))))
+    chunk_bytes = 8 * 12 * n * min(chunk_size, max(g, 1))
+    plans = [_plan_kernel(k, l, cs, n, mode, tol, sparse_tol, budget) for k, l in kernels]
+    per_kernel = max(p["bytes"] for p in plans)
+    need = chunk_bytes + (sum(p["bytes"] for p in plans) if omnibus else per_kernel) + 8 * n * 64
+    if need > budget:
+        worst = max(range(len(plans)), key=lambda i: plans[i]["bytes"])
+        raise ResourceError(
+            f"svg_spatialde on {n} spots x {g} genes needs about {need / 1024 ** 3:.1f} GiB "
+            f"({names[worst]}: {plans[worst]['rep']}, {plans[worst]['bytes'] / 1024 ** 3:.1f} GiB) but "
+            f"{budget / 1024 ** 3:.1f} GiB are available; use method='approx', fewer kernels or max_memory")
+
+    # ---- null model (cached)
+    data_key = _hash_arrays(Xs, s, tested) + dist + str(device)
+    null_hit = use_cache and data_key in _NULL_CACHE
+    chunks = [tested[i:i + chunk_size] for i in range(0, g, chunk_size)]
+
+    def dense_chunk(cols):
+        block = Xs[:, cols]
+        block = block.toarray() if sp.issparse(block) else np.asarray(block)
+        return torch.as_tensor(block, dtype=torch.float64, device=device)
+
+    s_t = torch.as_tensor(s, dtype=torch.float64, device=device)
+    if null_hit:
+        null = _NULL_CACHE[data_key]
+        _NULL_CACHE.move_to_end(data_key)
+    else:
+        p1 = np.full(g, np.nan)
+        p2 = np.full(g, np.nan)
+        conv = np.zeros(g, dtype=bool)
+        for i, cols in enumerate(chunks):
+            y = dense_chunk(cols)
+            sl = slice(i * chunk_size, i * chunk_size + cols.size)
+            if dist == "negative_binomial":
+                b, a, c = st.fit_nb_null(y, s_t)
+                conv[sl] = c.cpu().numpy()
+            else:
+                b, a = st.fit_normal_null(y)
+                conv[sl] = True
+            p1[sl], p2[sl] = b.cpu().numpy(), a.cpu().numpy()
+        null = {"p1": p1, "p2": p2, "converged": conv}
+        if use_cache:
+            _NULL_CACHE[data_key] = null
+            while len(_NULL_CACHE) > _NULL_CACHE_ITEMS:
+                _NULL_CACHE.popitem(last=False)
+    p1_t = torch.as_tensor(null["p1"], device=device)
+    p2_t = torch.as_tensor(null["p2"], device=device)
+    if (~null["converged"]).any():
+        logger.info(f"svg_spatialde: the null fit of {(~null['converged']).sum()} genes stopped at the "
+                    "iteration limit")
+
+    def weights(cols_idx, y):
+        """W and z for the genes at positions cols_idx (into tested) and their counts y."""
+        if dist == "negative_binomial":
+            mu = torch.exp(p1_t[cols_idx])
+            a = p2_t[cols_idx]
+            m = s_t[:, None] * mu[None, :]
+            den = 1.0 + a[None, :] * m
+            W = m / den
+            Z = (y - m) / den
+        else:
+            W = (1.0 / p2_t[cols_idx])[None, :].expand(n, cols_idx.numel()).contiguous()
+            Z = (y - p1_t[cols_idx][None, :]) * W
+        return W, Z
+
+    # ---- weight bases (gene-independent products with K go through them)
+    if g:
+        order = (p2_t * torch.exp(p1_t)) if dist == "negative_binomial" else torch.arange(g, device=device)
+        pick = torch.argsort(order)[torch.unique(torch.linspace(0, g - 1, min(g, 256), device=device).round().long())]
+        Wp, _ = weights(pick, torch.zeros(n, pick.numel(), dtype=torch.float64, device=device))
+        B1 = st.weight_basis(Wp, order[pick])
+        B2 = st.weight_basis(Wp * Wp, order[pick])
+        # every gene's weights must lie in the span; add the worst ones if not
+        resid = []
+        for i, cols in enumerate(chunks):
+            idx = torch.arange(i * chunk_size, i * chunk_size + cols.size, device=device)
+            W, _ = weights(idx, torch.zeros(n, idx.numel(), dtype=torch.float64, device=device))
+            r1, r2 = st.projection_residual(B1, W), st.projection_residual(B2, W * W)
+            bad = (r1 > 1e-9) | (r2 > 1e-9)
+            if bad.any():
+                extra = W[:, bad]
+                B1 = st.weight_basis(torch.cat([B1, extra / extra.norm(dim=0)], 1), None, n_sample=10 ** 9)
+                B2 = st.weight_basis(torch.cat([B2, (extra ** 2) / (extra ** 2).norm(dim=0)], 1), None,
+                                     n_sample=10 ** 9)
+                r1, r2 = st.projection_residual(B1, W), st.projection_residual(B2, W * W)
+            resid.append(float(torch.maximum(r1.max(), r2.max())))
+        basis_residual = max(resid) if resid else 0.0
+
+    # ---- kernels x gene chunks
+    coords_key = _hash_arrays(cs)
+    n_k = len(kernels)
+    U = np.full((g, n_k), np.nan)
+    E = np.full((g, n_k), np.nan)
+    Iinfo = np.full((g, n_k), np.nan)
+    reps = {}
+    hits = 0
+    # the squared distances are shared by the dense SE kernels (when two n x n matrices fit)
+    dist_cache = {} if (mode == "exact" and 16 * n * n + chunk_bytes <= budget) else None
+
+    def get_op(j):
+        nonlocal hits
+        kind, l = kernels[j]
+        key = (coords_key, kind, l, plans[j]["rep"], tol, sparse_tol, str(device))
+        if use_cache and key in _KERNEL_CACHE:
+            hits += 1
+            _KERNEL_CACHE.move_to_end(key)
+            return _KERNEL_CACHE[key]
+        op = _build_kernel(kind, l, cs, plans[j], device, tol, sparse_tol, budget, dist_cache)
+        if use_cache and op.nbytes <= _KERNEL_CACHE_BYTES // 2:
+            _KERNEL_CACHE[key] = op
+            while sum(o.nbytes for o in _KERNEL_CACHE.values()) > _KERNEL_CACHE_BYTES:
+                _KERNEL_CACHE.popitem(last=False)
+        return op
+
+    def run_op(op, col):
+        prod = st.KernelProducts(op, B1, B2)
+        for i, cols in enumerate(chunks):
+            idx = torch.arange(i * chunk_size, i * chunk_size + cols.size, device=device)
+            W, Z = weights(idx, dense_chunk(cols))
+            A1, A2 = B1.T @ W, B2.T @ (W * W)
+            u, e, I = st.score_statistics(prod, Z, W, A1, A2, st.weight_sums(W))
+            sl = slice(i * chunk_size, i * chunk_size + cols.size)
+            U[sl, col], E[sl, col], Iinfo[sl, col] = u.cpu().numpy(), e.cpu().numpy(), I.cpu().numpy()
+
+    if g:
+        with _progress(n_k + (1 if omnibus else 0), "SpatialDE2 score test",
+                       enabled=None if progress else False) as advance:
+            if omnibus:
+                ops = []
+                for j in range(n_k):
+                    ops.append(get_op(j))
+                    reps[names[j]] = ops[-1].info()
+                    advance(names[j])
+                if all(isinstance(o, sk.DenseKernel) for o in ops):
+                    total = ops[0].K.clone()
+                    for o in ops[1:]:
+                        total += o.K
+                    sum_op = sk.DenseKernel(total, name="sum")
+                else:
+                    sum_op = sk.SumKernel(ops)
+                U = np.full((g, 1), np.nan)
+                E = np.full((g, 1), np.nan)
+                Iinfo = np.full((g, 1), np.nan)
+                run_op(sum_op, 0)
+                advance("omnibus")
+            else:
+                for j in range(n_k):
+                    op = get_op(j)
+                    reps[names[j]] = op.info()
+                    run_op(op, j)
+                    del op
+                    advance(names[j])
+        dist_cache = None
+
+    # ---- p-values (log space throughout)
+    logp_k, kappa, nu = st.satterthwaite_logp(U, E, Iinfo)
+    if omnibus or n_k == 1:
+        logp = logp_k[:, 0]
+    else:
+        logp = st.cauchy_combine_logp(logp_k)
+    logp_full = np.full(n_vars, np.nan)
+    logp_full[tested] = logp
+    logpadj = st.bh_adjust_log(logp_full)
+    ln10 = math.log(10.0)
+    pval = np.exp(logp_full)
+    padj = np.exp(logpadj)
+    rank = np.full(n_vars, np.nan)
+    ok = ~np.isnan(logp_full)
+    order = np.argsort(logp_full[ok], kind="stable")
+    r = np.empty(order.size)
+    r[order] = np.arange(1, order.size + 1)
+    rank[ok] = r
+    is_svg = ok & (np.nan_to_num(padj, nan=1.0) < 0.05) & (np.nan_to_num(rank, nan=np.inf) <= n_svg)
+
+    res = pd.DataFrame({f"{key_added}.pval": pval, f"{key_added}.padj": padj,
+                        f"{key_added}.log10p": logp_full / ln10, f"{key_added}.rank": rank,
+                        f"{key_added}.svg": is_svg}, index=adata.var_names)
+    for c in res.columns:
+        adata.var[c] = res[c].to_numpy()
+    cols = ["omnibus"] if omnibus else names
+    for what, arr in (("U", U), ("e", E), ("I", Iinfo), ("log10p", logp_k / ln10)):
+        full = np.full((n_vars, len(cols)), np.nan)
+        full[tested] = arr
+        adata.varm[f"{key_added}.{what}"] = pd.DataFrame(full, index=adata.var_names, columns=cols)
+    nul = np.full((n_vars, 2), np.nan)
+    if g:
+        nul[tested, 0], nul[tested, 1] = null["p1"], null["p2"]
+    adata.varm[f"{key_added}.null"] = pd.DataFrame(
+        nul, index=adata.var_names,
+        columns=["log_mean", "dispersion"] if dist == "negative_binomial" else ["mean", "variance"])
+    adata.uns[key_added] = {
+        "params": {"layer": layer, "spatial_key": spatial_key, "obs_dist": dist, "omnibus": bool(omnibus),
+                   "sizefactors": sizefactors if isinstance(sizefactors, str) else
+                   ("total_counts" if sizefactors is None else "array"),
+                   "n_svg": int(n_svg), "method": mode, "tol": tol, "sparse_tol": sparse_tol,
+                   "use_gpu": bool(use_gpu)},
+        "version": __version__,
+        "kernels": names,
+        "lengthscales": {nm: l for nm, (_, l) in zip(names, kernels)},
+        "representation": reps,
+        "n_spots_tested": int(n),
+        "n_genes_tested": int(g),
+        "n_svg": int(is_svg.sum()),
+        "null_not_converged": int((~null["converged"]).sum()) if g else 0,
+        "weight_basis_residual": basis_residual if g else 0.0,
+        "cache": {"kernels": int(hits), "null": bool(null_hit)},
+        "device": str(device),
+    }
+    return res
