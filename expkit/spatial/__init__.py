@@ -1,4 +1,3 @@
-<<<<<<< HEAD
 """Spatial analysis: neighbour graphs, spatial autocorrelation, spatially variable genes, spatial domains."""
 from __future__ import annotations
 
@@ -6,12 +5,7 @@ from .autocorr import spatial_autocorr
 from .domain_markers import spatial_markers_spagcn, spatial_metagene
 from .domains import integrate_domains_spagcn, spatial_detect_domains_spagcn
 from .graph import spatial_components, spatial_neighbors
-
-__all__ = ["spatial_neighbors", "spatial_components", "spatial_autocorr", "spatial_detect_domains_spagcn",
-           "integrate_domains_spagcn", "spatial_markers_spagcn", "spatial_metagene"]
-=======
-"""Spatial analyses on one AnnData (plain functions)."""
 from .svg import svg_spatialde
 
-__all__ = ["svg_spatialde"]
->>>>>>> svg
+__all__ = ["spatial_neighbors", "spatial_components", "spatial_autocorr", "svg_spatialde",
+           "spatial_detect_domains_spagcn", "integrate_domains_spagcn", "spatial_markers_spagcn", "spatial_metagene"]
