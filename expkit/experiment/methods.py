@@ -31,7 +31,6 @@ METHODS: dict[str, tuple[str, tuple[str, ...] | None, str]] = {
     "spatial_components": ("expkit.spatial:spatial_components", SPATIAL, "sample"),
     "spatial_autocorr": ("expkit.spatial:spatial_autocorr", SPATIAL, "sample"),
     "spatial_svg_spatialde": ("expkit.spatial:svg_spatialde", SPATIAL, "sample"),
-    "spatial_svg_spatialde": ("expkit.spatial:svg_spatialde", SPATIAL, "sample"),
     # spatial domains (SpaGCN), domain markers and metagenes
     "spatial_detect_domains_spagcn": ("expkit.spatial.domains:spatial_detect_domains_spagcn", SPATIAL, "sample"),
     "integrate_domains_spagcn": ("expkit.spatial.domains:integrate_domains_spagcn", SPATIAL, "joint"),
