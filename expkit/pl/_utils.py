@@ -297,7 +297,8 @@ def add_legend(ax, spec: ColorSpec, *, fig=None, axes=None, title=None):
             return None
         ncol = 1 if len(handles) <= 14 else 2
         if fig is not None and axes is not None:
-            return fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False,
+            # "outside" makes constrained layout leave room for the legend inside the figure
+            return fig.legend(handles=handles, loc="outside right center", frameon=False,
                               title=title or spec.key, ncol=ncol, fontsize="small")
         return ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False,
                          title=title or spec.key, ncol=ncol, fontsize="small")
