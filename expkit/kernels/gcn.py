@@ -185,51 +185,6 @@ def _randomized_scores(mat, rmat, m: int, k: int, seed: int, n_iter: int, oversa
 # --------------------------------------------------------------------------------------------
 # initial clustering
 # --------------------------------------------------------------------------------------------
-def knn(z: torch.Tensor, k: int, chunk_elems: int = 2**24) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest neighbours (self included) by row chunks of the distance matrix (at most
-    ``chunk_elems`` entries at a time); (distances, indices)."""
-    n = z.shape[0]
-    k = min(k, n)
-    chunk = max(1, chunk_elems // n)
-    sq = (z * z).sum(1)
-    ds, js = [], []
-    for s in range(0, n, chunk):
-        zc = z[s:s + chunk]
-        # |z_j|^2 - 2 z_i.z_j: the row's own |z_i|^2 does not change its order, so it is added after top-k
-        part = torch.addmm(sq[None, :], zc, z.T, alpha=-2.0)
-        part[torch.arange(zc.shape[0]), torch.arange(s, s + zc.shape[0])] = -float("inf")  # self first
-        v, idx = torch.topk(part, k, dim=1, largest=False)
-        v = v + sq[s:s + chunk, None]
-        v[:, 0] = 0.0
-        ds.append(v.clamp_min(0).sqrt())
-        js.append(idx)
-    return torch.cat(ds).cpu().numpy().astype(np.float64), torch.cat(js).cpu().numpy()
-
-
-def umap_connectivities(dist: np.ndarray, idx: np.ndarray) -> sp.csr_matrix:
-    """UMAP fuzzy-union weights of a kNN graph (the graph scanpy's ``neighbors`` builds), vectorised."""
-    n, k = idx.shape
-    d = dist[:, 1:]
-    j = idx[:, 1:]
-    rho = d[:, 0].copy()
-    target = math.log2(k)
-    lo, hi = np.zeros(n), np.full(n, np.inf)
-    sigma = np.ones(n)
-    delta = np.maximum(d - rho[:, None], 0.0)
-    for _ in range(64):
-        s = np.exp(-delta / sigma[:, None]).sum(1)
-        big = s > target
-        hi = np.where(big, sigma, hi)
-        lo = np.where(big, lo, sigma)
-        sigma = np.where(np.isinf(hi), sigma * 2.0, (lo + hi) / 2.0)
-    mean_d = d.mean()
-    sigma = np.maximum(sigma, 1e-3 * np.where(rho > 0, d.mean(1), mean_d))
-    w = np.exp(-delta / sigma[:, None])
-    g = sp.csr_matrix((w.ravel(), (np.repeat(np.arange(n), k - 1), j.ravel())), shape=(n, n))
-    gt = g.T.tocsr()
-    return (g + gt - g.multiply(gt)).tocsr()
-
-
 def to_igraph(conn: sp.spmatrix):
     import igraph as ig
 

@@ -17,11 +17,13 @@ from .. import __version__
 from .._logging import logger
 from ..errors import InputError, KeyNotFoundError
 from ..kernels import gcn
+from ..kernels import knn as _knn
 from ..kernels.device import resolve_device, seed_everything
 
 __all__ = ["spatial_detect_domains_spagcn", "integrate_domains_spagcn", "refine_domains"]
 
 _INITS = ("louvain", "leiden", "kmeans")
+_KNN_BUDGET = 128 * 2**20  # bytes per row block of the initial kNN search
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,8 +127,12 @@ def _fit(ax: np.ndarray, *, n_clusters, init, res_start, res_step, tol, lr, max_
         z0 = gcn.embed(axt, w, b)
     res = None
     if init in ("louvain", "leiden"):
-        dist, idx = gcn.knn(z0, 10)
-        conn = gcn.umap_connectivities(dist, idx)
+        # scanpy's neighbors graph of the embedding, as SpaGCN builds it (sc.pp.neighbors, 10 neighbours):
+        # exact kNN, float32-rounded distances, UMAP fuzzy union. Louvain uses its edges unweighted, Leiden
+        # its weights. Memory budget: row blocks of ~2**24 float32 distances.
+        k = min(10, z0.shape[0])
+        idx, dist = _knn.knn_exact(z0.cpu().numpy(), k, device=device, memory_budget=_KNN_BUDGET)
+        conn, _, _ = _knn.fuzzy_simplicial_set(idx, _knn.graph_distances32(dist), k, device=device)
 
         def count(lab):  # SpaGCN's criterion: the number of domains left after a short training
             if search_epochs <= 0:
@@ -174,9 +180,9 @@ def spatial_detect_domains_spagcn(adata, *, layer: str | None = "lognorm", n_clu
     coordinate from the tissue image, see :func:`histology_coordinate`), with lengthscale ``l`` found by
     bisection so that each spot's summed neighbour weight is ``p`` on average (SpaGCN's ``search_l``);
     (2) ``n_pcs`` principal components of ``layers[layer]``; (3) one graph convolution ``Z = A X W + b``
-    (``A X`` computed once, sparse: weights below 1e-6 dropped); (4) initial clusters on a 10-NN graph of
-    ``Z`` (UMAP-weighted as scanpy's ``neighbors``; Louvain/Leiden, resolution walked from ``res_start`` by
-    ``res_step`` until ``n_clusters`` domains remain after 20 training epochs; or k-means); (5) DEC training (Student-t ``q``, target ``p`` refreshed every 5 epochs, KL
+    (``A X`` computed once, sparse: weights below 1e-6 dropped); (4) initial clusters on the 10-NN graph of
+    ``Z`` (scanpy's ``neighbors`` graph, :mod:`expkit.kernels.knn`: Louvain on its edges unweighted, or Leiden
+    weighted; resolution walked from ``res_start`` by ``res_step`` until ``n_clusters`` domains remain after 20 training epochs; or k-means); (5) DEC training (Student-t ``q``, target ``p`` refreshed every 5 epochs, KL
     loss, Adam ``lr``) until fewer than ``tol`` of the labels change; (6) ``refine_shape`` majority
     relabelling over the array grid.
 
