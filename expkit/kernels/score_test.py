@@ -56,18 +56,19 @@ def _lgamma_ratio(yv, r):
             torch.where(big, series_tri, direct_tri))
 
 
-def _nb_loglik(yv, col, ysum, L, yL, r, phi, beta, g):
-    """NB log-likelihood per gene up to a constant: the gamma-function terms only where ``y > 0``
-    (``yv`` values of column ``col``); ``L = log(1 + a m)``; ``yL = sum_i y_i L_i``.
-    ``lgamma(y + r) - lgamma(r) + y log a`` is evaluated as one term (no cancellation for small a)."""
-    lg, _, _ = _lgamma_ratio(yv, r[col])
-    out = torch.zeros(g, dtype=yv.dtype, device=yv.device).index_add_(0, col, lg)
-    return out - r * L.sum(0) - yL + ysum * beta
-
-
-def _nz(y):
+def _nb_pairs(y: torch.Tensor):
+    """Non-zero counts of ``y`` (n x g) as triplets ``(row, col, value)`` and as unique ``(col, value)``
+    pairs with multiplicities (the gamma-function terms depend on the counts only through these)."""
     idx = torch.nonzero(y > 0)
-    return idx[:, 0], idx[:, 1], y[idx[:, 0], idx[:, 1]]
+    rows, cols = idx[:, 0], idx[:, 1]
+    vals = y[rows, cols]
+    if vals.numel() and bool((vals == torch.round(vals)).all()) and float(vals.max()) < 2 ** 40 / max(y.shape[1], 1):
+        base = int(vals.max()) + 1
+        key, cnt = torch.unique(cols * base + vals.long(), return_counts=True)
+        pcol, pval, pcnt = key // base, (key % base).to(y.dtype), cnt.to(y.dtype)
+    else:
+        pcol, pval, pcnt = cols, vals, torch.ones_like(vals)
+    return rows, cols, vals, pcol, pval, pcnt
 
 
 def fit_nb_null(y: torch.Tensor, s: torch.Tensor, *, max_iter: int = 60,
@@ -76,7 +77,9 @@ def fit_nb_null(y: torch.Tensor, s: torch.Tensor, *, max_iter: int = 60,
 
     Damped Newton on ``(b, log a)`` with the exact Hessian and a step-halving line search, for all
     genes at once (a gradient step where the Hessian is not negative definite). The gamma-function
-    terms are evaluated on the non-zero counts only. ``a`` is bounded below by ``min_alpha`` (1e-8,
+    terms are evaluated once per distinct (gene, count) pair, the count-weighted sums on the non-zero
+    counts only, and the count-free sums over spots (functions of ``t = a exp(b)`` and ``s``) as dense
+    ``n x genes`` passes plus matrix-vector products. ``a`` is bounded below by ``min_alpha`` (1e-8,
     SpatialDE2's floor for its starting value; the Poisson limit ``a -> 0`` has no finite optimum) and
     above by ``max_alpha``. Starts from SpatialDE2's values: ``log mean(y / s)`` and the DESeq
     moments dispersion. Returns ``beta, alpha, converged``; all-zero columns give NaN.
@@ -84,59 +87,119 @@ def fit_nb_null(y: torch.Tensor, s: torch.Tensor, *, max_iter: int = 60,
     y = y.to(torch.float64)
     s = s.to(torch.float64)
     n, g = y.shape
+    dev = y.device
     sy = y / s[:, None]
     mean = sy.mean(0)
     var = sy.var(0, unbiased=False)
+    del sy
     disp = (var - (1.0 / s).mean() * mean) / mean ** 2
     lo, hi = math.log(min_alpha), math.log(max_alpha)
     empty = ~(mean > 0)
     beta = torch.log(torch.where(empty, torch.ones_like(mean), mean))
     phi = torch.log(torch.clamp(torch.nan_to_num(disp, nan=1.0), min=min_alpha, max=max_alpha))
     ysum_all = y.sum(0)
+    rows_all, cols_all, vals_all, pcol_all, pval_all, pcnt_all = _nb_pairs(y)
+    s2 = s * s
+    smax = float(s.max())
     active = ~empty
     converged = empty.clone()
-    fallback = torch.zeros(g, dtype=torch.bool, device=y.device)
-    ll = torch.full((g,), -math.inf, dtype=torch.float64, device=y.device)
+    fallback = torch.zeros(g, dtype=torch.bool, device=dev)
+    ll = torch.full((g,), -math.inf, dtype=torch.float64, device=dev)
+    cur = {"idx": None}
 
-    def loglik(yy, rowv, colv, yv, ysum, b, p):
-        a = torch.exp(p)
-        m = s[:, None] * torch.exp(b)[None, :]
-        L = torch.log1p(a * m)
-        return _nb_loglik(yv, colv, ysum, L, (yy * L).sum(0), 1.0 / a, p, b, b.numel())
+    def subset(idx):
+        """Non-zeros and pairs of the genes ``idx``, with local column positions."""
+        pos = torch.full((g,), -1, dtype=torch.long, device=dev)
+        pos[idx] = torch.arange(idx.numel(), device=dev)
+        m1 = pos[cols_all] >= 0
+        m2 = pos[pcol_all] >= 0
+        rv = rows_all[m1]
+        cur.update(idx=idx, col=pos[cols_all[m1]], yv=vals_all[m1], sv=s[rv],
+                   pcol=pos[pcol_all[m2]], pval=pval_all[m2], pcnt=pcnt_all[m2])
+        return cur
 
-    for it in range(max_iter):
-        idx = torch.nonzero(active).squeeze(1)
-        if idx.numel() == 0:
-            break
-        yy, b, p = y[:, idx], beta[idx], phi[idx]
-        ysum = ysum_all[idx]
-        rowv, colv, yv = _nz(yy)
-        if it == 0:
-            ll[idx] = loglik(yy, rowv, colv, yv, ysum, b, p)
-        k = idx.numel()
+    def colsum(c, v, k):
+        return torch.zeros(k, dtype=torch.float64, device=dev).index_add_(0, c, v)
+
+    def loglik(sub, sel, b, p):
+        """log-likelihood (up to a constant) of the genes at local positions ``sel`` of ``sub``."""
+        k = sel.numel()
+        kk = sub["idx"].numel()
         a = torch.exp(p)
         r = 1.0 / a
-        m = s[:, None] * torch.exp(b)[None, :]
-        den = 1.0 + a * m
-        res = (yy - m) / den
-        g_b = res.sum(0)
-        h_bb = -(m * (1.0 + a * yy) / den ** 2).sum(0)
-        _, psi_d, tri_d = _lgamma_ratio(yv, r[colv])
-        dpsi = torch.zeros(k, dtype=y.dtype, device=y.device).index_add_(0, colv, psi_d)
-        dtri = torch.zeros(k, dtype=y.dtype, device=y.device).index_add_(0, colv, tri_d)
-        Lsum = torch.log1p(a * m).sum(0)
+        t = a * torch.exp(b)
+        Lsum = torch.log1p(torch.outer(s, t)).sum(0)
+        if 2 * k >= kk:  # over all non-zeros of the working set (t = 0: no contribution)
+            tf = torch.zeros(kk, dtype=torch.float64, device=dev)
+            tf[sel] = t
+            rf = torch.ones(kk, dtype=torch.float64, device=dev)
+            rf[sel] = r
+            yL = colsum(sub["col"], sub["yv"] * torch.log1p(tf[sub["col"]] * sub["sv"]), kk)[sel]
+            lg, _, _ = _lgamma_ratio(sub["pval"], rf[sub["pcol"]])
+            lg = colsum(sub["pcol"], lg * sub["pcnt"], kk)[sel]
+        else:
+            pos = torch.full((kk,), -1, dtype=torch.long, device=dev)
+            pos[sel] = torch.arange(k, device=dev)
+            c1 = pos[sub["col"]]
+            m1 = c1 >= 0
+            c2 = pos[sub["pcol"]]
+            m2 = c2 >= 0
+            c1, c2 = c1[m1], c2[m2]
+            yL = colsum(c1, sub["yv"][m1] * torch.log1p(t[c1] * sub["sv"][m1]), k)
+            lg, _, _ = _lgamma_ratio(sub["pval"][m2], r[c2])
+            lg = colsum(c2, lg * sub["pcnt"][m2], k)
+        return lg - r * Lsum - yL + ysum_all[sub["idx"][sel]] * b
+
+    for it in range(max_iter):
+        n_act = int(active.sum())
+        if n_act == 0:
+            break
+        # working set: a superset of the active genes, renewed when it has shrunk by a third
+        if cur["idx"] is None or n_act < 0.67 * cur["idx"].numel():
+            sub = subset(torch.nonzero(active).squeeze(1))
+        idx = sub["idx"]
+        k = idx.numel()
+        b, p = beta[idx], phi[idx]
+        ysum = ysum_all[idx]
+        if it == 0:
+            ll[idx] = loglik(sub, torch.arange(k, device=dev), b, p)
+        a = torch.exp(p)
+        r = 1.0 / a
+        mu = torch.exp(b)
+        t = a * mu
+        # count-free sums over spots: D = a m = s t
+        D = torch.outer(s, t)
+        Lsum = torch.log1p(D).sum(0)
+        inv = D.add_(1.0).reciprocal_()
+        S_si = s @ inv                       # sum_i s_i / (1 + a m_i)
+        inv.mul_(inv)
+        S_si2 = s @ inv                      # sum_i s_i / (1 + a m_i)^2
+        S_s2i2 = s2 @ inv                    # sum_i s_i^2 / (1 + a m_i)^2
+        del inv, D
+        # count-weighted sums on the non-zeros
+        col, yv, sv = sub["col"], sub["yv"], sub["sv"]
+        dv = 1.0 + t[col] * sv
+        Y_i = colsum(col, yv / dv, k)        # sum_i y_i / (1 + a m_i)
+        Y_si2 = colsum(col, yv * sv / (dv * dv), k)
+        g_b = Y_i - mu * S_si                # sum (y - m) / (1 + a m)
+        h_bb = -(mu * S_si2 + a * mu * Y_si2)
+        ymm = mu * Y_si2 - mu * mu * S_s2i2  # sum (y - m) m / (1 + a m)^2
+        _, psi_d, tri_d = _lgamma_ratio(sub["pval"], r[sub["pcol"]])
+        dpsi = colsum(sub["pcol"], psi_d * sub["pcnt"], k)
+        dtri = colsum(sub["pcol"], tri_d * sub["pcnt"], k)
         g_p = r * (dpsi + Lsum) + g_b
-        h_pp = -r * (dpsi + Lsum) - r ** 2 * dtri + (m / den).sum(0) - a * ((yy - m) * m / den ** 2).sum(0)
-        h_bp = -(a * ((yy - m) * m / den ** 2).sum(0))
+        h_pp = -r * (dpsi + Lsum) - r ** 2 * dtri + mu * S_si - a * ymm
+        h_bp = -(a * ymm)
         # freeze log a at its bounds when the gradient points outside; below a * max(m) = 1e-10 the
         # weights W = m / (1 + a m) no longer change (the Poisson limit), so that counts as the bound
-        mmax = m.max(0).values
+        mmax = mu * smax
         at_lo = ((p <= lo + 1e-12) | (a * mmax < 1e-10)) & (g_p < 0)
         at_hi = (p >= hi - 1e-12) & (g_p > 0)
         frozen = at_lo | at_hi
         # converged: gradient zero to rounding (log a: or pinned at a bound)
         gscale = 1e-9 * (1.0 + ysum)
         done = (g_b.abs() < gscale) & ((g_p.abs() < gscale) | frozen)
+        done = done | ~active[idx]           # (converged earlier: kept as is)
         fb = fallback[idx]
         det = h_bb * h_pp - h_bp ** 2
         negdef = (h_bb < 0) & (det > 0) & ~fb
@@ -149,7 +212,6 @@ def fit_nb_null(y: torch.Tensor, s: torch.Tensor, *, max_iter: int = 60,
         # near a -> 0 the log-likelihood is ~ A -+ c a, so Newton moves log a by about -1 (towards the
         # Poisson limit) or a gradient step by about +1 (away from it) per iteration: take longer
         # steps there; the line search halves them back when they overshoot
-        mmax = m.max(0).values
         near0 = a * mmax < 1e-2
         d_p = torch.where(near0 & negdef & (d_p < -0.9) & (g_p < 0), 4.0 * d_p, d_p)
         d_p = torch.where(near0 & ~negdef & (g_p > 0), 2.0 * d_p.abs().clamp_min(0.5), d_p)
@@ -171,12 +233,7 @@ def fit_nb_null(y: torch.Tensor, s: torch.Tensor, *, max_iter: int = 60,
                 break
             cb = b[todo] + step[todo] * d_b[todo]
             cp = (p[todo] + step[todo] * d_p[todo]).clamp(lo, hi)
-            sel_nz = torch.zeros(k, dtype=torch.bool, device=y.device)
-            sel_nz[todo] = True
-            sel_nz = sel_nz[colv]
-            pos = torch.full((k,), -1, dtype=torch.long, device=y.device)
-            pos[todo] = torch.arange(todo.numel(), device=y.device)
-            cl = loglik(yy[:, todo], None, pos[colv[sel_nz]], yv[sel_nz], ysum[todo], cb, cp)
+            cl = loglik(sub, todo, cb, cp)
             ok = torch.isfinite(cl) & (cl > old[todo])
             sel = todo[ok]
             new_b[sel], new_p[sel], new_ll[sel] = cb[ok], cp[ok], cl[ok]
@@ -189,6 +246,7 @@ def fit_nb_null(y: torch.Tensor, s: torch.Tensor, *, max_iter: int = 60,
         stuck = failed & fb
         fallback[idx] = failed & ~fb
         done = done | stuck
+        done = done & active[idx]
         converged[idx[done]] = True
         active[idx[done]] = False
     alpha = torch.exp(phi)
