@@ -378,15 +378,25 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
                 _KERNEL_CACHE.popitem(last=False)
         return op
 
+    def chunk_data(i, cols):
+        idx = torch.arange(i * chunk_size, i * chunk_size + cols.size, device=device)
+        W, Z = weights(idx, dense_chunk(cols))
+        W2 = W * W
+        return W, Z, W2, B1.T @ W, B2.T @ W2, st.weight_sums(W)
+
+    def store(i, cols, col, stats):
+        sl = slice(i * chunk_size, i * chunk_size + cols.size)
+        U[sl, col], E[sl, col], Iinfo[sl, col] = (v.cpu().numpy() for v in stats)
+
     def run_op(op, col):
         prod = st.KernelProducts(op, B1, B2)
         for i, cols in enumerate(chunks):
-            idx = torch.arange(i * chunk_size, i * chunk_size + cols.size, device=device)
-            W, Z = weights(idx, dense_chunk(cols))
-            A1, A2 = B1.T @ W, B2.T @ (W * W)
-            u, e, I = st.score_statistics(prod, Z, W, A1, A2, st.weight_sums(W))
-            sl = slice(i * chunk_size, i * chunk_size + cols.size)
-            U[sl, col], E[sl, col], Iinfo[sl, col] = u.cpu().numpy(), e.cpu().numpy(), I.cpu().numpy()
+            W, Z, W2, A1, A2, sums = chunk_data(i, cols)
+            store(i, cols, col, st.score_statistics(prod, Z, W, A1, A2, sums, W2))
+
+    # all kernels held at once (when they fit): the per-chunk weights are computed once for all kernels
+    all_at_once = (not omnibus and n_k > 1
+                   and sum(p["bytes"] for p in plans) + chunk_bytes + 8 * n * 64 <= budget)
 
     if g:
         with _progress(n_k + (1 if omnibus else 0), "SpatialDE2 score test",
@@ -409,6 +419,18 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
                 Iinfo = np.full((g, 1), np.nan)
                 run_op(sum_op, 0)
                 advance("omnibus")
+            elif all_at_once:
+                prods = []
+                for j in range(n_k):
+                    op = get_op(j)
+                    reps[names[j]] = op.info()
+                    prods.append(st.KernelProducts(op, B1, B2))
+                    advance(names[j])
+                for i, cols in enumerate(chunks):
+                    W, Z, W2, A1, A2, sums = chunk_data(i, cols)
+                    for j, prod in enumerate(prods):
+                        store(i, cols, j, st.score_statistics(prod, Z, W, A1, A2, sums, W2))
+                del prods
             else:
                 for j in range(n_k):
                     op = get_op(j)
