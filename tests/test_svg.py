@@ -347,7 +347,12 @@ def test_structured_kernels_match_dense():
             if op is None:
                 continue
             np.testing.assert_allclose(op.mm(Z).numpy(), (K @ Z).numpy(), atol=1e-6)
+            np.testing.assert_allclose(op.quad(Z).numpy(), (Z * (K @ Z)).sum(0).numpy(), rtol=1e-6, atol=1e-6)
             np.testing.assert_allclose(op.sq_rowsum().numpy(), (K * K).sum(1).numpy(), rtol=1e-5)
+    tiled = sk.se_sparse(xy, 1.5, 1e-10, dev)
+    assert tiled.tiles is not None  # quad over dense tile blocks: same as the sparse product
+    plain = (Z * tiled.mm(Z)).sum(0)
+    np.testing.assert_allclose(tiled.quad(Z).numpy(), plain.numpy(), rtol=1e-12)
     u = 2 * np.pi * xy.sum(1) / 7.0
     Kc = np.cos(u[:, None] - u[None, :])
     cos = sk.cosine_kernel(xy, 7.0, dev)

@@ -294,11 +294,12 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
         p1 = np.full(g, np.nan)
         p2 = np.full(g, np.nan)
         conv = np.zeros(g, dtype=bool)
+        spot_sums = st._SpotSums(s_t) if dist == "negative_binomial" and g else None
         for i, cols in enumerate(chunks):
             y = dense_chunk(cols)
             sl = slice(i * chunk_size, i * chunk_size + cols.size)
             if dist == "negative_binomial":
-                b, a, c = st.fit_nb_null(y, s_t)
+                b, a, c = st.fit_nb_null(y, s_t, spot_sums=spot_sums)
                 conv[sl] = c.cpu().numpy()
             else:
                 b, a = st.fit_normal_null(y)
