@@ -127,11 +127,27 @@ class _SpotSums:
         return out
 
 
+def _colptr(col: torch.Tensor, k: int) -> torch.Tensor:
+    """Start offsets (k + 1) of the genes in an array sorted by gene."""
+    cnt = torch.bincount(col, minlength=k)
+    return torch.cat([torch.zeros(1, dtype=torch.long, device=col.device), torch.cumsum(cnt, 0)])
+
+
+def _ranges(ptr: torch.Tensor, sel: torch.Tensor):
+    """For the genes ``sel`` of a gene-sorted array with offsets ``ptr``: the position of each gene in
+    ``sel`` per element, and the element indices."""
+    start, cnt = ptr[sel], ptr[sel + 1] - ptr[sel]
+    local = torch.repeat_interleave(torch.arange(sel.numel(), device=sel.device), cnt)
+    first = torch.cumsum(cnt, 0) - cnt
+    elem = torch.arange(local.numel(), device=sel.device) - first[local] + start[local]
+    return local, elem
+
+
 def _nb_pairs(y: torch.Tensor):
     """Non-zero counts of ``y`` (n x g) as triplets ``(row, col, value)`` and as unique ``(col, value)``
     pairs with multiplicities (the gamma-function terms depend on the counts only through these)."""
-    idx = torch.nonzero(y > 0)
-    rows, cols = idx[:, 0], idx[:, 1]
+    idx = torch.nonzero(y.T > 0)                      # column-major: non-zeros sorted by gene
+    rows, cols = idx[:, 1], idx[:, 0]
     vals = y[rows, cols]
     if vals.numel() and bool((vals == torch.round(vals)).all()) and float(vals.max()) < 2 ** 40 / max(y.shape[1], 1):
         base = int(vals.max()) + 1
@@ -186,8 +202,10 @@ def fit_nb_null(y: torch.Tensor, s: torch.Tensor, *, max_iter: int = 60,
         m1 = pos[cols_all] >= 0
         m2 = pos[pcol_all] >= 0
         rv = rows_all[m1]
-        cur.update(idx=idx, col=pos[cols_all[m1]], yv=vals_all[m1], sv=s[rv],
-                   pcol=pos[pcol_all[m2]], pval=pval_all[m2], pcnt=pcnt_all[m2])
+        col, pcol = pos[cols_all[m1]], pos[pcol_all[m2]]
+        k = idx.numel()
+        cur.update(idx=idx, col=col, yv=vals_all[m1], sv=s[rv], pcol=pcol, pval=pval_all[m2],
+                   pcnt=pcnt_all[m2], ptr=_colptr(col, k), pptr=_colptr(pcol, k))
         return cur
 
     def colsum(c, v, k):
@@ -209,17 +227,12 @@ def fit_nb_null(y: torch.Tensor, s: torch.Tensor, *, max_iter: int = 60,
             yL = colsum(sub["col"], sub["yv"] * torch.log1p(tf[sub["col"]] * sub["sv"]), kk)[sel]
             lg, _, _ = _lgamma_ratio(sub["pval"], rf[sub["pcol"]])
             lg = colsum(sub["pcol"], lg * sub["pcnt"], kk)[sel]
-        else:
-            pos = torch.full((kk,), -1, dtype=torch.long, device=dev)
-            pos[sel] = torch.arange(k, device=dev)
-            c1 = pos[sub["col"]]
-            m1 = c1 >= 0
-            c2 = pos[sub["pcol"]]
-            m2 = c2 >= 0
-            c1, c2 = c1[m1], c2[m2]
-            yL = colsum(c1, sub["yv"][m1] * torch.log1p(t[c1] * sub["sv"][m1]), k)
-            lg, _, _ = _lgamma_ratio(sub["pval"][m2], r[c2])
-            lg = colsum(c2, lg * sub["pcnt"][m2], k)
+        else:  # only the non-zeros of the selected genes (sorted by gene: ranges of the arrays)
+            c1, e1 = _ranges(sub["ptr"], sel)
+            c2, e2 = _ranges(sub["pptr"], sel)
+            yL = colsum(c1, sub["yv"][e1] * torch.log1p(t[c1] * sub["sv"][e1]), k)
+            lg, _, _ = _lgamma_ratio(sub["pval"][e2], r[c2])
+            lg = colsum(c2, lg * sub["pcnt"][e2], k)
         return lg - r * Lsum - yL + ysum_all[sub["idx"][sel]] * b
 
     for it in range(max_iter):
