@@ -175,17 +175,20 @@ def fit_nb_null(y: torch.Tensor, s: torch.Tensor, *, max_iter: int = 60,
     s = s.to(torch.float64)
     n, g = y.shape
     dev = y.device
-    sy = y / s[:, None]
-    mean = sy.mean(0)
-    var = sy.var(0, unbiased=False)
+    rows_all, cols_all, vals_all, pcol_all, pval_all, pcnt_all = _nb_pairs(y)
+    # moments of y / s from the non-zeros (two-pass: the zeros contribute mean^2 each)
+    sy = vals_all / s[rows_all]
+    zeros64 = torch.zeros(g, dtype=torch.float64, device=dev)
+    mean = zeros64.clone().index_add_(0, cols_all, sy) / n
+    nnz_g = torch.bincount(cols_all, minlength=g).to(torch.float64)
+    var = (zeros64.clone().index_add_(0, cols_all, (sy - mean[cols_all]) ** 2) + (n - nnz_g) * mean ** 2) / n
     del sy
     disp = (var - (1.0 / s).mean() * mean) / mean ** 2
     lo, hi = math.log(min_alpha), math.log(max_alpha)
     empty = ~(mean > 0)
     beta = torch.log(torch.where(empty, torch.ones_like(mean), mean))
     phi = torch.log(torch.clamp(torch.nan_to_num(disp, nan=1.0), min=min_alpha, max=max_alpha))
-    ysum_all = y.sum(0)
-    rows_all, cols_all, vals_all, pcol_all, pval_all, pcnt_all = _nb_pairs(y)
+    ysum_all = torch.zeros(g, dtype=torch.float64, device=dev).index_add_(0, cols_all, vals_all)
     if spot_sums is None:  # (callers fitting several gene chunks with the same s pass one in)
         spot_sums = _SpotSums(s)
     smax = float(s.max())

@@ -317,31 +317,31 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
                     "iteration limit")
 
     def weights(cols_idx, y):
-        """W and z for the genes at positions cols_idx (into tested) and their counts y."""
+        """W and z for the genes at positions cols_idx (into tested) and their counts y (None: W only)."""
         if dist == "negative_binomial":
             mu = torch.exp(p1_t[cols_idx])
             a = p2_t[cols_idx]
             m = s_t[:, None] * mu[None, :]
             den = 1.0 + a[None, :] * m
             W = m / den
-            Z = (y - m) / den
+            Z = None if y is None else (y - m) / den
         else:
             W = (1.0 / p2_t[cols_idx])[None, :].expand(n, cols_idx.numel()).contiguous()
-            Z = (y - p1_t[cols_idx][None, :]) * W
+            Z = None if y is None else (y - p1_t[cols_idx][None, :]) * W
         return W, Z
 
     # ---- weight bases (gene-independent products with K go through them)
     if g:
         order = (p2_t * torch.exp(p1_t)) if dist == "negative_binomial" else torch.arange(g, device=device)
         pick = torch.argsort(order)[torch.unique(torch.linspace(0, g - 1, min(g, 256), device=device).round().long())]
-        Wp, _ = weights(pick, torch.zeros(n, pick.numel(), dtype=torch.float64, device=device))
+        Wp, _ = weights(pick, None)
         B1 = st.weight_basis(Wp, order[pick])
         B2 = st.weight_basis(Wp * Wp, order[pick])
         # every gene's weights must lie in the span; add the worst ones if not
         resid = []
         for i, cols in enumerate(chunks):
             idx = torch.arange(i * chunk_size, i * chunk_size + cols.size, device=device)
-            W, _ = weights(idx, torch.zeros(n, idx.numel(), dtype=torch.float64, device=device))
+            W, _ = weights(idx, None)
             r1, r2 = st.projection_residual(B1, W), st.projection_residual(B2, W * W)
             bad = (r1 > 1e-9) | (r2 > 1e-9)
             if bad.any():
