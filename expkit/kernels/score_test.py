@@ -19,6 +19,7 @@ gene-independent products of the kernel with a small basis of the weight vectors
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -158,8 +159,29 @@ def _nb_pairs(y: torch.Tensor):
     return rows, cols, vals, pcol, pval, pcnt
 
 
-def fit_nb_null(y: torch.Tensor, s: torch.Tensor, *, max_iter: int = 60,
-                min_alpha: float = 1e-8, max_alpha: float = 1e6, spot_sums: "_SpotSums | None" = None):
+@contextlib.contextmanager
+def single_thread(device: torch.device):
+    """Run a loop of small tensor operations on one CPU thread: with more, OpenMP's waiting worker
+    threads take CPU from the main thread (4x slower with 2 threads on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def fit_nb_null(y: torch.Tensor, s: torch.Tensor, **kw):
+    """Maximum-likelihood ``(b, a)`` of the NB null for every column of ``y`` (see :func:`_fit_nb_null`;
+    on CPU on one thread: the work is a loop of small vector operations)."""
+    with single_thread(y.device):
+        return _fit_nb_null(y, s, **kw)
+
+
+def _fit_nb_null(y: torch.Tensor, s: torch.Tensor, *, max_iter: int = 60,
+                 min_alpha: float = 1e-8, max_alpha: float = 1e6, spot_sums: "_SpotSums | None" = None):
     """Maximum-likelihood ``(b, a)`` of ``y_i ~ NB(s_i exp(b), a)`` for every column of ``y`` at once.
 
     Damped Newton on ``(b, log a)`` with the exact Hessian and a step-halving line search, for all
