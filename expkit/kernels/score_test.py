@@ -149,11 +149,15 @@ def _nb_pairs(y: torch.Tensor):
     pairs with multiplicities (the gamma-function terms depend on the counts only through these)."""
     idx = torch.nonzero(y.T > 0)                      # column-major: non-zeros sorted by gene
     rows, cols = idx[:, 1], idx[:, 0]
-    vals = y[rows, cols]
-    if vals.numel() and bool((vals == torch.round(vals)).all()) and float(vals.max()) < 2 ** 40 / max(y.shape[1], 1):
+    return _pairs(rows, cols, y[rows, cols], y.shape[1])
+
+
+def _pairs(rows, cols, vals, g):
+    """(see _nb_pairs; ``cols`` sorted)"""
+    if vals.numel() and bool((vals == torch.round(vals)).all()) and float(vals.max()) < 2 ** 40 / max(g, 1):
         base = int(vals.max()) + 1
         key, cnt = torch.unique(cols * base + vals.long(), return_counts=True)
-        pcol, pval, pcnt = key // base, (key % base).to(y.dtype), cnt.to(y.dtype)
+        pcol, pval, pcnt = key // base, (key % base).to(vals.dtype), cnt.to(vals.dtype)
     else:
         pcol, pval, pcnt = cols, vals, torch.ones_like(vals)
     return rows, cols, vals, pcol, pval, pcnt
@@ -177,10 +181,23 @@ def fit_nb_null(y: torch.Tensor, s: torch.Tensor, **kw):
     """Maximum-likelihood ``(b, a)`` of the NB null for every column of ``y`` (see :func:`_fit_nb_null`;
     on CPU on one thread: the work is a loop of small vector operations)."""
     with single_thread(y.device):
-        return _fit_nb_null(y, s, **kw)
+        y = y.to(torch.float64)
+        return _fit_nb_null(_nb_pairs(y), y.shape[0], y.shape[1], s, **kw)
 
 
-def _fit_nb_null(y: torch.Tensor, s: torch.Tensor, *, max_iter: int = 60,
+def fit_nb_null_csc(indptr: torch.Tensor, indices: torch.Tensor, data: torch.Tensor, n: int,
+                    s: torch.Tensor, **kw):
+    """:func:`fit_nb_null` for counts given as a CSC matrix (n x g; ``indptr``, ``indices``, ``data``)
+    without densifying; explicit zeros are dropped."""
+    with single_thread(data.device):
+        g = indptr.numel() - 1
+        cols = torch.repeat_interleave(torch.arange(g, device=data.device), indptr.diff())
+        keep = data > 0
+        rows, cols, vals = indices[keep].long(), cols[keep], data[keep].to(torch.float64)
+        return _fit_nb_null(_pairs(rows, cols, vals, g), n, g, s, **kw)
+
+
+def _fit_nb_null(nz, n: int, g: int, s: torch.Tensor, *, max_iter: int = 60,
                  min_alpha: float = 1e-8, max_alpha: float = 1e6, spot_sums: "_SpotSums | None" = None):
     """Maximum-likelihood ``(b, a)`` of ``y_i ~ NB(s_i exp(b), a)`` for every column of ``y`` at once.
 
@@ -193,11 +210,9 @@ def _fit_nb_null(y: torch.Tensor, s: torch.Tensor, *, max_iter: int = 60,
     above by ``max_alpha``. Starts from SpatialDE2's values: ``log mean(y / s)`` and the DESeq
     moments dispersion. Returns ``beta, alpha, converged``; all-zero columns give NaN.
     """
-    y = y.to(torch.float64)
     s = s.to(torch.float64)
-    n, g = y.shape
-    dev = y.device
-    rows_all, cols_all, vals_all, pcol_all, pval_all, pcnt_all = _nb_pairs(y)
+    dev = s.device
+    rows_all, cols_all, vals_all, pcol_all, pval_all, pcnt_all = nz
     # moments of y / s from the non-zeros (two-pass: the zeros contribute mean^2 each)
     sy = vals_all / s[rows_all]
     zeros64 = torch.zeros(g, dtype=torch.float64, device=dev)

@@ -295,7 +295,22 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
         p2 = np.full(g, np.nan)
         conv = np.zeros(g, dtype=bool)
         spot_sums = st._SpotSums(s_t) if dist == "negative_binomial" and g else None
-        for i, cols in enumerate(chunks):
+        csc = sp.csc_matrix(Xs[:, tested]) if dist == "negative_binomial" and sp.issparse(Xs) and g else None
+        # sparse counts: the NB fit works on the non-zeros, without densifying; gene chunks of at most
+        # n * chunk_size non-zeros (within the memory estimate of one dense chunk)
+        start = 0
+        while csc is not None and start < g:
+            ip = csc.indptr
+            end = int(np.searchsorted(ip, ip[start] + n * chunk_size, side="right")) - 1
+            end = min(g, max(end, start + 1))
+            lo_, hi_ = int(ip[start]), int(ip[end])
+            b, a, c = st.fit_nb_null_csc(torch.as_tensor(ip[start:end + 1] - ip[start], device=device),
+                                         torch.as_tensor(csc.indices[lo_:hi_], device=device),
+                                         torch.as_tensor(csc.data[lo_:hi_], dtype=torch.float64, device=device),
+                                         n, s_t, spot_sums=spot_sums)
+            conv[start:end], p1[start:end], p2[start:end] = c.cpu().numpy(), b.cpu().numpy(), a.cpu().numpy()
+            start = end
+        for i, cols in enumerate(chunks if csc is None else []):
             y = dense_chunk(cols)
             sl = slice(i * chunk_size, i * chunk_size + cols.size)
             if dist == "negative_binomial":
