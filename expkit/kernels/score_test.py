@@ -19,6 +19,7 @@ gene-independent products of the kernel with a small basis of the weight vectors
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -56,87 +57,267 @@ def _lgamma_ratio(yv, r):
             torch.where(big, series_tri, direct_tri))
 
 
-def _nb_loglik(yv, col, ysum, L, yL, r, phi, beta, g):
-    """NB log-likelihood per gene up to a constant: the gamma-function terms only where ``y > 0``
-    (``yv`` values of column ``col``); ``L = log(1 + a m)``; ``yL = sum_i y_i L_i``.
-    ``lgamma(y + r) - lgamma(r) + y log a`` is evaluated as one term (no cancellation for small a)."""
-    lg, _, _ = _lgamma_ratio(yv, r[col])
-    out = torch.zeros(g, dtype=yv.dtype, device=yv.device).index_add_(0, col, lg)
-    return out - r * L.sum(0) - yL + ysum * beta
+class _SpotSums:
+    """The count-free sums over spots of the NB null as functions of ``t = a exp(b)`` (one per gene):
+    ``F0 = sum_i log1p(s_i t)``, ``F1 = sum_i s_i / (1 + s_i t)``, ``F2 = sum_i s_i / (1 + s_i t)^2``,
+    ``F3 = sum_i s_i^2 / (1 + s_i t)^2``. They are the same functions of one variable for every gene:
+    evaluated by piecewise Chebyshev interpolation in ``log t`` (analytic in a strip of half-width pi,
+    so intervals of width 1 and 24 nodes give ~1e-15 relative), a Taylor series in ``t`` where
+    ``t max(s) < 1e-6`` and directly (``n x genes``) above the table."""
+
+    def __init__(self, s: torch.Tensor, width: float = 1.0, nodes: int = 24):
+        self.s = s
+        self.s2 = s * s
+        smax, smin = float(s.max()), float(s.min())
+        self.t_small = 1e-6 / smax
+        self.u0 = math.log(self.t_small)
+        self.u1 = math.log(1e6 / smin)
+        self.w, self.N = width, nodes
+        nint = int(math.ceil((self.u1 - self.u0) / width))
+        self.u1 = self.u0 + nint * width
+        dev, dt = s.device, torch.float64
+        k = torch.arange(nodes, device=dev, dtype=dt)
+        x = torch.cos(math.pi * (k + 0.5) / nodes)                                 # nodes in [-1, 1]
+        centers = self.u0 + width * (torch.arange(nint, device=dev, dtype=dt) + 0.5)
+        u = (centers[:, None] + 0.5 * width * x[None, :]).reshape(-1)
+        vals = self.direct(torch.exp(u)).reshape(4, nint, nodes)                   # f, interval, node
+        C = torch.cos(math.pi * k[:, None] * (k[None, :] + 0.5) / nodes) * (2.0 / nodes)  # k x m
+        C[0] *= 0.5
+        self.coef = torch.einsum("km,fjm->jkf", C, vals).contiguous()              # interval, k, f
+        self.k = k
+        self.P = [float((s ** p).sum()) for p in range(1, 6)]
+
+    def direct(self, t: torch.Tensor) -> torch.Tensor:
+        """4 x len(t), by dense passes over spots (chunks of genes)."""
+        out = torch.empty(4, t.numel(), dtype=torch.float64, device=t.device)
+        step = max(1, (1 << 22) // max(self.s.numel(), 1))
+        for a in range(0, t.numel(), step):
+            tt = t[a:a + step]
+            D = torch.outer(self.s, tt)
+            out[0, a:a + step] = torch.log1p(D).sum(0)
+            inv = D.add_(1.0).reciprocal_()
+            out[1, a:a + step] = self.s @ inv
+            inv.mul_(inv)
+            out[2, a:a + step] = self.s @ inv
+            out[3, a:a + step] = self.s2 @ inv
+        return out
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        """``F0..F3`` at ``t`` (4 x len(t))."""
+        t = t.to(torch.float64)
+        out = torch.empty(4, t.numel(), dtype=torch.float64, device=t.device)
+        u = torch.log(t)
+        small = t <= self.t_small
+        big = ~small & ~(u < self.u1)                                              # (also NaN / inf)
+        mid = ~small & ~big
+        if bool(small.any()):
+            ts = t[small]
+            P1, P2, P3, P4, P5 = self.P
+            out[0, small] = ts * (P1 - ts * (P2 / 2.0 - ts * (P3 / 3.0 - ts * P4 / 4.0)))
+            out[1, small] = P1 - ts * (P2 - ts * (P3 - ts * P4))
+            out[2, small] = P1 - ts * (2.0 * P2 - ts * (3.0 * P3 - ts * 4.0 * P4))
+            out[3, small] = P2 - ts * (2.0 * P3 - ts * (3.0 * P4 - ts * 4.0 * P5))
+        if bool(mid.any()):
+            um = u[mid]
+            j = ((um - self.u0) / self.w).floor().clamp(0, self.coef.shape[0] - 1).long()
+            x = (2.0 * (um - self.u0 - (j.to(um.dtype) + 0.5) * self.w) / self.w).clamp(-1.0, 1.0)
+            T = torch.cos(self.k[None, :] * torch.acos(x)[:, None])                 # genes x k
+            out[:, mid] = torch.einsum("gk,gkf->fg", T, self.coef[j])
+        if bool(big.any()):
+            out[:, big] = self.direct(t[big])
+        return out
 
 
-def _nz(y):
-    idx = torch.nonzero(y > 0)
-    return idx[:, 0], idx[:, 1], y[idx[:, 0], idx[:, 1]]
+def _colptr(col: torch.Tensor, k: int) -> torch.Tensor:
+    """Start offsets (k + 1) of the genes in an array sorted by gene."""
+    cnt = torch.bincount(col, minlength=k)
+    return torch.cat([torch.zeros(1, dtype=torch.long, device=col.device), torch.cumsum(cnt, 0)])
 
 
-def fit_nb_null(y: torch.Tensor, s: torch.Tensor, *, max_iter: int = 60,
-                min_alpha: float = 1e-8, max_alpha: float = 1e6):
+def _ranges(ptr: torch.Tensor, sel: torch.Tensor):
+    """For the genes ``sel`` of a gene-sorted array with offsets ``ptr``: the position of each gene in
+    ``sel`` per element, and the element indices."""
+    start, cnt = ptr[sel], ptr[sel + 1] - ptr[sel]
+    local = torch.repeat_interleave(torch.arange(sel.numel(), device=sel.device), cnt)
+    first = torch.cumsum(cnt, 0) - cnt
+    elem = torch.arange(local.numel(), device=sel.device) - first[local] + start[local]
+    return local, elem
+
+
+def _nb_pairs(y: torch.Tensor):
+    """Non-zero counts of ``y`` (n x g) as triplets ``(row, col, value)`` and as unique ``(col, value)``
+    pairs with multiplicities (the gamma-function terms depend on the counts only through these)."""
+    idx = torch.nonzero(y.T > 0)                      # column-major: non-zeros sorted by gene
+    rows, cols = idx[:, 1], idx[:, 0]
+    return _pairs(rows, cols, y[rows, cols], y.shape[1])
+
+
+def _pairs(rows, cols, vals, g):
+    """(see _nb_pairs; ``cols`` sorted)"""
+    if vals.numel() and bool((vals == torch.round(vals)).all()) and float(vals.max()) < 2 ** 40 / max(g, 1):
+        base = int(vals.max()) + 1
+        key, cnt = torch.unique(cols * base + vals.long(), return_counts=True)
+        pcol, pval, pcnt = key // base, (key % base).to(vals.dtype), cnt.to(vals.dtype)
+    else:
+        pcol, pval, pcnt = cols, vals, torch.ones_like(vals)
+    return rows, cols, vals, pcol, pval, pcnt
+
+
+@contextlib.contextmanager
+def single_thread(device: torch.device):
+    """Run a loop of small tensor operations on one CPU thread: with more, OpenMP's waiting worker
+    threads take CPU from the main thread (4x slower with 2 threads on a loaded 2-core machine)."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+def fit_nb_null(y: torch.Tensor, s: torch.Tensor, **kw):
+    """Maximum-likelihood ``(b, a)`` of the NB null for every column of ``y`` (see :func:`_fit_nb_null`;
+    on CPU on one thread: the work is a loop of small vector operations)."""
+    with single_thread(y.device):
+        y = y.to(torch.float64)
+        return _fit_nb_null(_nb_pairs(y), y.shape[0], y.shape[1], s, **kw)
+
+
+def fit_nb_null_csc(indptr: torch.Tensor, indices: torch.Tensor, data: torch.Tensor, n: int,
+                    s: torch.Tensor, **kw):
+    """:func:`fit_nb_null` for counts given as a CSC matrix (n x g; ``indptr``, ``indices``, ``data``)
+    without densifying; explicit zeros are dropped."""
+    with single_thread(data.device):
+        g = indptr.numel() - 1
+        cols = torch.repeat_interleave(torch.arange(g, device=data.device), indptr.diff())
+        keep = data > 0
+        rows, cols, vals = indices[keep].long(), cols[keep], data[keep].to(torch.float64)
+        return _fit_nb_null(_pairs(rows, cols, vals, g), n, g, s, **kw)
+
+
+def _fit_nb_null(nz, n: int, g: int, s: torch.Tensor, *, max_iter: int = 60,
+                 min_alpha: float = 1e-8, max_alpha: float = 1e6, spot_sums: "_SpotSums | None" = None):
     """Maximum-likelihood ``(b, a)`` of ``y_i ~ NB(s_i exp(b), a)`` for every column of ``y`` at once.
 
     Damped Newton on ``(b, log a)`` with the exact Hessian and a step-halving line search, for all
     genes at once (a gradient step where the Hessian is not negative definite). The gamma-function
-    terms are evaluated on the non-zero counts only. ``a`` is bounded below by ``min_alpha`` (1e-8,
+    terms are evaluated once per distinct (gene, count) pair, the count-weighted sums on the non-zero
+    counts only, and the count-free sums over spots (functions of ``t = a exp(b)`` and ``s``) as dense
+    ``n x genes`` passes plus matrix-vector products. ``a`` is bounded below by ``min_alpha`` (1e-8,
     SpatialDE2's floor for its starting value; the Poisson limit ``a -> 0`` has no finite optimum) and
     above by ``max_alpha``. Starts from SpatialDE2's values: ``log mean(y / s)`` and the DESeq
     moments dispersion. Returns ``beta, alpha, converged``; all-zero columns give NaN.
     """
-    y = y.to(torch.float64)
     s = s.to(torch.float64)
-    n, g = y.shape
-    sy = y / s[:, None]
-    mean = sy.mean(0)
-    var = sy.var(0, unbiased=False)
+    dev = s.device
+    rows_all, cols_all, vals_all, pcol_all, pval_all, pcnt_all = nz
+    # moments of y / s from the non-zeros (two-pass: the zeros contribute mean^2 each)
+    sy = vals_all / s[rows_all]
+    zeros64 = torch.zeros(g, dtype=torch.float64, device=dev)
+    mean = zeros64.clone().index_add_(0, cols_all, sy) / n
+    nnz_g = torch.bincount(cols_all, minlength=g).to(torch.float64)
+    var = (zeros64.clone().index_add_(0, cols_all, (sy - mean[cols_all]) ** 2) + (n - nnz_g) * mean ** 2) / n
+    del sy
     disp = (var - (1.0 / s).mean() * mean) / mean ** 2
     lo, hi = math.log(min_alpha), math.log(max_alpha)
     empty = ~(mean > 0)
     beta = torch.log(torch.where(empty, torch.ones_like(mean), mean))
     phi = torch.log(torch.clamp(torch.nan_to_num(disp, nan=1.0), min=min_alpha, max=max_alpha))
-    ysum_all = y.sum(0)
+    ysum_all = torch.zeros(g, dtype=torch.float64, device=dev).index_add_(0, cols_all, vals_all)
+    if spot_sums is None:  # (callers fitting several gene chunks with the same s pass one in)
+        spot_sums = _SpotSums(s)
+    smax = float(s.max())
     active = ~empty
     converged = empty.clone()
-    fallback = torch.zeros(g, dtype=torch.bool, device=y.device)
-    ll = torch.full((g,), -math.inf, dtype=torch.float64, device=y.device)
+    fallback = torch.zeros(g, dtype=torch.bool, device=dev)
+    ll = torch.full((g,), -math.inf, dtype=torch.float64, device=dev)
+    cur = {"idx": None}
 
-    def loglik(yy, rowv, colv, yv, ysum, b, p):
-        a = torch.exp(p)
-        m = s[:, None] * torch.exp(b)[None, :]
-        L = torch.log1p(a * m)
-        return _nb_loglik(yv, colv, ysum, L, (yy * L).sum(0), 1.0 / a, p, b, b.numel())
-
-    for it in range(max_iter):
-        idx = torch.nonzero(active).squeeze(1)
-        if idx.numel() == 0:
-            break
-        yy, b, p = y[:, idx], beta[idx], phi[idx]
-        ysum = ysum_all[idx]
-        rowv, colv, yv = _nz(yy)
-        if it == 0:
-            ll[idx] = loglik(yy, rowv, colv, yv, ysum, b, p)
+    def subset(idx):
+        """Non-zeros and pairs of the genes ``idx``, with local column positions."""
+        pos = torch.full((g,), -1, dtype=torch.long, device=dev)
+        pos[idx] = torch.arange(idx.numel(), device=dev)
+        m1 = pos[cols_all] >= 0
+        m2 = pos[pcol_all] >= 0
+        rv = rows_all[m1]
+        col, pcol = pos[cols_all[m1]], pos[pcol_all[m2]]
         k = idx.numel()
+        cur.update(idx=idx, col=col, yv=vals_all[m1], sv=s[rv], pcol=pcol, pval=pval_all[m2],
+                   pcnt=pcnt_all[m2], ptr=_colptr(col, k), pptr=_colptr(pcol, k))
+        return cur
+
+    def colsum(c, v, k):
+        return torch.zeros(k, dtype=torch.float64, device=dev).index_add_(0, c, v)
+
+    def loglik(sub, sel, b, p):
+        """log-likelihood (up to a constant) of the genes at local positions ``sel`` of ``sub``."""
+        k = sel.numel()
+        kk = sub["idx"].numel()
         a = torch.exp(p)
         r = 1.0 / a
-        m = s[:, None] * torch.exp(b)[None, :]
-        den = 1.0 + a * m
-        res = (yy - m) / den
-        g_b = res.sum(0)
-        h_bb = -(m * (1.0 + a * yy) / den ** 2).sum(0)
-        _, psi_d, tri_d = _lgamma_ratio(yv, r[colv])
-        dpsi = torch.zeros(k, dtype=y.dtype, device=y.device).index_add_(0, colv, psi_d)
-        dtri = torch.zeros(k, dtype=y.dtype, device=y.device).index_add_(0, colv, tri_d)
-        Lsum = torch.log1p(a * m).sum(0)
+        t = a * torch.exp(b)
+        Lsum = spot_sums(t)[0]
+        if 2 * k >= kk:  # over all non-zeros of the working set (t = 0: no contribution)
+            tf = torch.zeros(kk, dtype=torch.float64, device=dev)
+            tf[sel] = t
+            rf = torch.ones(kk, dtype=torch.float64, device=dev)
+            rf[sel] = r
+            yL = colsum(sub["col"], sub["yv"] * torch.log1p(tf[sub["col"]] * sub["sv"]), kk)[sel]
+            lg, _, _ = _lgamma_ratio(sub["pval"], rf[sub["pcol"]])
+            lg = colsum(sub["pcol"], lg * sub["pcnt"], kk)[sel]
+        else:  # only the non-zeros of the selected genes (sorted by gene: ranges of the arrays)
+            c1, e1 = _ranges(sub["ptr"], sel)
+            c2, e2 = _ranges(sub["pptr"], sel)
+            yL = colsum(c1, sub["yv"][e1] * torch.log1p(t[c1] * sub["sv"][e1]), k)
+            lg, _, _ = _lgamma_ratio(sub["pval"][e2], r[c2])
+            lg = colsum(c2, lg * sub["pcnt"][e2], k)
+        return lg - r * Lsum - yL + ysum_all[sub["idx"][sel]] * b
+
+    for it in range(max_iter):
+        n_act = int(active.sum())
+        if n_act == 0:
+            break
+        # working set: a superset of the active genes, renewed when it has shrunk by a third
+        if cur["idx"] is None or n_act < 0.67 * cur["idx"].numel():
+            sub = subset(torch.nonzero(active).squeeze(1))
+        idx = sub["idx"]
+        k = idx.numel()
+        b, p = beta[idx], phi[idx]
+        ysum = ysum_all[idx]
+        if it == 0:
+            ll[idx] = loglik(sub, torch.arange(k, device=dev), b, p)
+        a = torch.exp(p)
+        r = 1.0 / a
+        mu = torch.exp(b)
+        t = a * mu
+        # count-free sums over spots (functions of t = a mu alone)
+        Lsum, S_si, S_si2, S_s2i2 = spot_sums(t).unbind(0)
+        # count-weighted sums on the non-zeros
+        col, yv, sv = sub["col"], sub["yv"], sub["sv"]
+        dv = 1.0 + t[col] * sv
+        Y_i = colsum(col, yv / dv, k)        # sum_i y_i / (1 + a m_i)
+        Y_si2 = colsum(col, yv * sv / (dv * dv), k)
+        g_b = Y_i - mu * S_si                # sum (y - m) / (1 + a m)
+        h_bb = -(mu * S_si2 + a * mu * Y_si2)
+        ymm = mu * Y_si2 - mu * mu * S_s2i2  # sum (y - m) m / (1 + a m)^2
+        _, psi_d, tri_d = _lgamma_ratio(sub["pval"], r[sub["pcol"]])
+        dpsi = colsum(sub["pcol"], psi_d * sub["pcnt"], k)
+        dtri = colsum(sub["pcol"], tri_d * sub["pcnt"], k)
         g_p = r * (dpsi + Lsum) + g_b
-        h_pp = -r * (dpsi + Lsum) - r ** 2 * dtri + (m / den).sum(0) - a * ((yy - m) * m / den ** 2).sum(0)
-        h_bp = -(a * ((yy - m) * m / den ** 2).sum(0))
+        h_pp = -r * (dpsi + Lsum) - r ** 2 * dtri + mu * S_si - a * ymm
+        h_bp = -(a * ymm)
         # freeze log a at its bounds when the gradient points outside; below a * max(m) = 1e-10 the
         # weights W = m / (1 + a m) no longer change (the Poisson limit), so that counts as the bound
-        mmax = m.max(0).values
+        mmax = mu * smax
         at_lo = ((p <= lo + 1e-12) | (a * mmax < 1e-10)) & (g_p < 0)
         at_hi = (p >= hi - 1e-12) & (g_p > 0)
         frozen = at_lo | at_hi
         # converged: gradient zero to rounding (log a: or pinned at a bound)
         gscale = 1e-9 * (1.0 + ysum)
         done = (g_b.abs() < gscale) & ((g_p.abs() < gscale) | frozen)
+        done = done | ~active[idx]           # (converged earlier: kept as is)
         fb = fallback[idx]
         det = h_bb * h_pp - h_bp ** 2
         negdef = (h_bb < 0) & (det > 0) & ~fb
@@ -149,7 +330,6 @@ def fit_nb_null(y: torch.Tensor, s: torch.Tensor, *, max_iter: int = 60,
         # near a -> 0 the log-likelihood is ~ A -+ c a, so Newton moves log a by about -1 (towards the
         # Poisson limit) or a gradient step by about +1 (away from it) per iteration: take longer
         # steps there; the line search halves them back when they overshoot
-        mmax = m.max(0).values
         near0 = a * mmax < 1e-2
         d_p = torch.where(near0 & negdef & (d_p < -0.9) & (g_p < 0), 4.0 * d_p, d_p)
         d_p = torch.where(near0 & ~negdef & (g_p > 0), 2.0 * d_p.abs().clamp_min(0.5), d_p)
@@ -171,12 +351,7 @@ def fit_nb_null(y: torch.Tensor, s: torch.Tensor, *, max_iter: int = 60,
                 break
             cb = b[todo] + step[todo] * d_b[todo]
             cp = (p[todo] + step[todo] * d_p[todo]).clamp(lo, hi)
-            sel_nz = torch.zeros(k, dtype=torch.bool, device=y.device)
-            sel_nz[todo] = True
-            sel_nz = sel_nz[colv]
-            pos = torch.full((k,), -1, dtype=torch.long, device=y.device)
-            pos[todo] = torch.arange(todo.numel(), device=y.device)
-            cl = loglik(yy[:, todo], None, pos[colv[sel_nz]], yv[sel_nz], ysum[todo], cb, cp)
+            cl = loglik(sub, todo, cb, cp)
             ok = torch.isfinite(cl) & (cl > old[todo])
             sel = todo[ok]
             new_b[sel], new_p[sel], new_ll[sel] = cb[ok], cp[ok], cl[ok]
@@ -189,6 +364,7 @@ def fit_nb_null(y: torch.Tensor, s: torch.Tensor, *, max_iter: int = 60,
         stuck = failed & fb
         fallback[idx] = failed & ~fb
         done = done | stuck
+        done = done & active[idx]
         converged[idx[done]] = True
         active[idx[done]] = False
     alpha = torch.exp(phi)
@@ -229,7 +405,8 @@ def weight_basis(W: torch.Tensor, order: torch.Tensor | None = None, *, n_sample
 def projection_residual(B: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     """Relative residual ``|W - B B'W| / |W|`` per column."""
     R = W - B @ (B.T @ W)
-    return torch.linalg.vector_norm(R, dim=0) / torch.linalg.vector_norm(W, dim=0).clamp_min(1e-300)
+    # (plain sums of squares: torch's vector_norm is several times slower on CPU; W is O(1)..O(1e3))
+    return (R * R).sum(0).sqrt() / (W * W).sum(0).sqrt().clamp_min(1e-300)
 
 
 class KernelProducts:
@@ -249,12 +426,13 @@ class KernelProducts:
 
 
 def score_statistics(prod: KernelProducts, Z: torch.Tensor, W: torch.Tensor, A1: torch.Tensor,
-                     A2: torch.Tensor, sums: dict):
+                     A2: torch.Tensor, sums: dict, W2: torch.Tensor | None = None):
     """``U, e, I`` (each of length g) for one kernel; ``A1 = B1' W``, ``A2 = B2' W^2``;
-    ``sums`` holds ``S = sum W``, ``S2 = sum W^2``, ``Iqq``."""
+    ``sums`` holds ``S = sum W``, ``S2 = sum W^2``, ``Iqq``; ``W2 = W^2`` (computed when not given)."""
     S, S2, Iqq = sums["S"], sums["S2"], sums["Iqq"]
     U = 0.5 * prod.op.quad(Z)
-    W2 = W * W
+    if W2 is None:
+        W2 = W * W
     dw = prod.d @ W
     w2d = prod.d @ W2
     w2q = prod.q @ W2

@@ -294,11 +294,27 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
         p1 = np.full(g, np.nan)
         p2 = np.full(g, np.nan)
         conv = np.zeros(g, dtype=bool)
-        for i, cols in enumerate(chunks):
+        spot_sums = st._SpotSums(s_t) if dist == "negative_binomial" and g else None
+        csc = sp.csc_matrix(Xs[:, tested]) if dist == "negative_binomial" and sp.issparse(Xs) and g else None
+        # sparse counts: the NB fit works on the non-zeros, without densifying; gene chunks of at most
+        # n * chunk_size non-zeros (within the memory estimate of one dense chunk)
+        start = 0
+        while csc is not None and start < g:
+            ip = csc.indptr
+            end = int(np.searchsorted(ip, ip[start] + n * chunk_size, side="right")) - 1
+            end = min(g, max(end, start + 1))
+            lo_, hi_ = int(ip[start]), int(ip[end])
+            b, a, c = st.fit_nb_null_csc(torch.as_tensor(ip[start:end + 1] - ip[start], device=device),
+                                         torch.as_tensor(csc.indices[lo_:hi_], device=device),
+                                         torch.as_tensor(csc.data[lo_:hi_], dtype=torch.float64, device=device),
+                                         n, s_t, spot_sums=spot_sums)
+            conv[start:end], p1[start:end], p2[start:end] = c.cpu().numpy(), b.cpu().numpy(), a.cpu().numpy()
+            start = end
+        for i, cols in enumerate(chunks if csc is None else []):
             y = dense_chunk(cols)
             sl = slice(i * chunk_size, i * chunk_size + cols.size)
             if dist == "negative_binomial":
-                b, a, c = st.fit_nb_null(y, s_t)
+                b, a, c = st.fit_nb_null(y, s_t, spot_sums=spot_sums)
                 conv[sl] = c.cpu().numpy()
             else:
                 b, a = st.fit_normal_null(y)
@@ -316,31 +332,31 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
                     "iteration limit")
 
     def weights(cols_idx, y):
-        """W and z for the genes at positions cols_idx (into tested) and their counts y."""
+        """W and z for the genes at positions cols_idx (into tested) and their counts y (None: W only)."""
         if dist == "negative_binomial":
             mu = torch.exp(p1_t[cols_idx])
             a = p2_t[cols_idx]
             m = s_t[:, None] * mu[None, :]
             den = 1.0 + a[None, :] * m
             W = m / den
-            Z = (y - m) / den
+            Z = None if y is None else (y - m) / den
         else:
             W = (1.0 / p2_t[cols_idx])[None, :].expand(n, cols_idx.numel()).contiguous()
-            Z = (y - p1_t[cols_idx][None, :]) * W
+            Z = None if y is None else (y - p1_t[cols_idx][None, :]) * W
         return W, Z
 
     # ---- weight bases (gene-independent products with K go through them)
     if g:
         order = (p2_t * torch.exp(p1_t)) if dist == "negative_binomial" else torch.arange(g, device=device)
         pick = torch.argsort(order)[torch.unique(torch.linspace(0, g - 1, min(g, 256), device=device).round().long())]
-        Wp, _ = weights(pick, torch.zeros(n, pick.numel(), dtype=torch.float64, device=device))
+        Wp, _ = weights(pick, None)
         B1 = st.weight_basis(Wp, order[pick])
         B2 = st.weight_basis(Wp * Wp, order[pick])
         # every gene's weights must lie in the span; add the worst ones if not
         resid = []
         for i, cols in enumerate(chunks):
             idx = torch.arange(i * chunk_size, i * chunk_size + cols.size, device=device)
-            W, _ = weights(idx, torch.zeros(n, idx.numel(), dtype=torch.float64, device=device))
+            W, _ = weights(idx, None)
             r1, r2 = st.projection_residual(B1, W), st.projection_residual(B2, W * W)
             bad = (r1 > 1e-9) | (r2 > 1e-9)
             if bad.any():
@@ -378,15 +394,25 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
                 _KERNEL_CACHE.popitem(last=False)
         return op
 
+    def chunk_data(i, cols):
+        idx = torch.arange(i * chunk_size, i * chunk_size + cols.size, device=device)
+        W, Z = weights(idx, dense_chunk(cols))
+        W2 = W * W
+        return W, Z, W2, B1.T @ W, B2.T @ W2, st.weight_sums(W)
+
+    def store(i, cols, col, stats):
+        sl = slice(i * chunk_size, i * chunk_size + cols.size)
+        U[sl, col], E[sl, col], Iinfo[sl, col] = (v.cpu().numpy() for v in stats)
+
     def run_op(op, col):
         prod = st.KernelProducts(op, B1, B2)
         for i, cols in enumerate(chunks):
-            idx = torch.arange(i * chunk_size, i * chunk_size + cols.size, device=device)
-            W, Z = weights(idx, dense_chunk(cols))
-            A1, A2 = B1.T @ W, B2.T @ (W * W)
-            u, e, I = st.score_statistics(prod, Z, W, A1, A2, st.weight_sums(W))
-            sl = slice(i * chunk_size, i * chunk_size + cols.size)
-            U[sl, col], E[sl, col], Iinfo[sl, col] = u.cpu().numpy(), e.cpu().numpy(), I.cpu().numpy()
+            W, Z, W2, A1, A2, sums = chunk_data(i, cols)
+            store(i, cols, col, st.score_statistics(prod, Z, W, A1, A2, sums, W2))
+
+    # all kernels held at once (when they fit): the per-chunk weights are computed once for all kernels
+    all_at_once = (not omnibus and n_k > 1
+                   and sum(p["bytes"] for p in plans) + chunk_bytes + 8 * n * 64 <= budget)
 
     if g:
         with _progress(n_k + (1 if omnibus else 0), "SpatialDE2 score test",
@@ -409,6 +435,18 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
                 Iinfo = np.full((g, 1), np.nan)
                 run_op(sum_op, 0)
                 advance("omnibus")
+            elif all_at_once:
+                prods = []
+                for j in range(n_k):
+                    op = get_op(j)
+                    reps[names[j]] = op.info()
+                    prods.append(st.KernelProducts(op, B1, B2))
+                    advance(names[j])
+                for i, cols in enumerate(chunks):
+                    W, Z, W2, A1, A2, sums = chunk_data(i, cols)
+                    for j, prod in enumerate(prods):
+                        store(i, cols, j, st.score_statistics(prod, Z, W, A1, A2, sums, W2))
+                del prods
             else:
                 for j in range(n_k):
                     op = get_op(j)
