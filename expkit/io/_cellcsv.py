@@ -46,6 +46,31 @@ def find_by_suffix(folder: Path, suffixes: Sequence[str], sample, what: str) -> 
     return hits[0] if hits else None
 
 
+def locate_pair(path: Path, sample, *, matrix_suffix: str, metadata_suffix: str, metadata=None,
+                matrix_label: str, metadata_label: str, matrix_glob: str, metadata_glob: str,
+                metadata_hint: str) -> tuple[Path, Path]:
+    """The (matrix, metadata) CSV pair of a cell-level export, from its folder or its matrix file.
+
+    ``metadata`` overrides the metadata file; otherwise it is found by ``metadata_suffix`` beside the matrix.
+    """
+    from ._checks import require_file
+
+    if path.is_dir():
+        folder = path
+        mpath = find_by_suffix(folder, (matrix_suffix,), sample, matrix_suffix)
+        if mpath is None:
+            raise fail(sample, folder / matrix_glob, f"{matrix_label} not found")
+    else:
+        mpath = require_file(path, sample, matrix_label)
+        folder = mpath.parent
+    if metadata is not None:
+        return mpath, require_file(metadata, sample, metadata_label)
+    cpath = find_by_suffix(folder, (metadata_suffix,), sample, metadata_suffix)
+    if cpath is None:
+        raise fail(sample, folder / metadata_glob, f"{metadata_label} not found ({metadata_hint})")
+    return mpath, cpath
+
+
 def control_mask(columns: Sequence[str], prefixes: Sequence[str]) -> np.ndarray:
     """Boolean mask of the control-probe columns (name starting with one of ``prefixes``,
     case-insensitive)."""

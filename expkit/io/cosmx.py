@@ -8,9 +8,9 @@ import pandas as pd
 
 from .._logging import logger
 from ._build import build_var, make_anndata
-from ._cellcsv import (find_by_suffix, header_fields, numeric_columns, read_cell_table,
+from ._cellcsv import (header_fields, locate_pair, numeric_columns, read_cell_table,
                        read_wide_counts, split_controls)
-from ._checks import check_finite, check_subset, check_unique, examples, fail, require_file
+from ._checks import check_finite, check_subset, check_unique, examples, fail
 
 __all__ = ["read_cosmx", "COSMX_PIXEL_SIZE_UM"]
 
@@ -84,21 +84,11 @@ def read_cosmx(folder_or_csv, *, sample: str | None = None, metadata=None,
     path = Path(folder_or_csv)
     if not path.exists():
         raise fail(sample, path, "CosMx input not found")
-    if path.is_dir():
-        folder = path
-        mpath = find_by_suffix(folder, (MATRIX_SUFFIX,), sample, "exprMat_file.csv")
-        if mpath is None:
-            raise fail(sample, folder / ("*_" + MATRIX_SUFFIX), "CosMx expression matrix not found")
-    else:
-        mpath = require_file(path, sample, "CosMx expression matrix")
-        folder = mpath.parent
-    if metadata is not None:
-        cpath = require_file(metadata, sample, "CosMx metadata")
-    else:
-        cpath = find_by_suffix(folder, (METADATA_SUFFIX,), sample, "metadata_file.csv")
-        if cpath is None:
-            raise fail(sample, folder / ("*_" + METADATA_SUFFIX),
-                       "CosMx metadata not found (the cell centres live in *_metadata_file.csv)")
+    mpath, cpath = locate_pair(path, sample, matrix_suffix=MATRIX_SUFFIX, metadata_suffix=METADATA_SUFFIX,
+                               metadata=metadata, matrix_label="CosMx expression matrix",
+                               metadata_label="CosMx metadata", matrix_glob="*_" + MATRIX_SUFFIX,
+                               metadata_glob="*_" + METADATA_SUFFIX,
+                               metadata_hint="the cell centres live in *_metadata_file.csv")
     if pixel_size_um is not None:
         try:
             ok = float(pixel_size_um) > 0 and np.isfinite(float(pixel_size_um))
@@ -156,7 +146,7 @@ def read_cosmx(folder_or_csv, *, sample: str | None = None, metadata=None,
         adata.obsm["controls"] = pd.DataFrame(controls[0].astype(np.float32), index=adata.obs_names,
                                               columns=controls[1])
     adata.uns["spatial.unit"] = unit
-    key = sample if sample is not None else folder.name
+    key = sample if sample is not None else mpath.parent.name
     adata.uns["spatial"] = {key: {"images": {}, "scalefactors": scalefactors,
                                   "metadata": {"technology": "cosmx", "source_image_path": ""}}}
     return adata

@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 
 from ._build import build_var, make_anndata
-from ._cellcsv import (find_by_suffix, header_fields, numeric_columns, read_cell_table,
+from ._cellcsv import (header_fields, locate_pair, numeric_columns, read_cell_table,
                        read_wide_counts, split_controls)
-from ._checks import check_finite, check_subset, check_unique, fail, require_file
+from ._checks import check_finite, check_subset, check_unique, fail
 
 __all__ = ["read_merscope"]
 
@@ -65,21 +65,11 @@ def read_merscope(folder_or_csv, *, sample: str | None = None, cell_metadata=Non
     path = Path(folder_or_csv)
     if not path.exists():
         raise fail(sample, path, "MERSCOPE input not found")
-    if path.is_dir():
-        folder = path
-        mpath = find_by_suffix(folder, (MATRIX_SUFFIX,), sample, "cell_by_gene.csv")
-        if mpath is None:
-            raise fail(sample, folder / MATRIX_SUFFIX, "MERSCOPE cell_by_gene.csv not found")
-    else:
-        mpath = require_file(path, sample, "MERSCOPE cell_by_gene.csv")
-        folder = mpath.parent
-    if cell_metadata is not None:
-        cpath = require_file(cell_metadata, sample, "MERSCOPE cell metadata")
-    else:
-        cpath = find_by_suffix(folder, (METADATA_SUFFIX,), sample, "cell_metadata.csv")
-        if cpath is None:
-            raise fail(sample, folder / METADATA_SUFFIX, "MERSCOPE cell metadata not found (the "
-                                                         "cell centres live in cell_metadata.csv)")
+    mpath, cpath = locate_pair(path, sample, matrix_suffix=MATRIX_SUFFIX, metadata_suffix=METADATA_SUFFIX,
+                               metadata=cell_metadata, matrix_label="MERSCOPE cell_by_gene.csv",
+                               metadata_label="MERSCOPE cell metadata", matrix_glob=MATRIX_SUFFIX,
+                               metadata_glob=METADATA_SUFFIX,
+                               metadata_hint="the cell centres live in cell_metadata.csv")
     header = header_fields(mpath, sample)
     id_col = _id_column(header, sample, mpath, "cell_by_gene table")
     names = ["cell"] + header[1:]
@@ -112,7 +102,7 @@ def read_merscope(folder_or_csv, *, sample: str | None = None, cell_metadata=Non
         adata.obsm["controls"] = pd.DataFrame(controls[0].astype(np.float32), index=adata.obs_names,
                                               columns=controls[1])
     adata.uns["spatial.unit"] = "um"
-    key = sample if sample is not None else folder.name
+    key = sample if sample is not None else mpath.parent.name
     adata.uns["spatial"] = {key: {"images": {}, "scalefactors": {},
                                   "metadata": {"technology": "merscope", "source_image_path": "",
                                                "id_column": id_col}}}

@@ -189,6 +189,13 @@ def check_positions(xy: np.ndarray, barcodes, images: dict, scalefactors: dict, 
                                      f"{hint}")
 
 
+def read_matrix(path: Path, *, sample: str, gex_only: bool = True):
+    """A 10x matrix: an MTX folder or a Cell Ranger HDF5 file."""
+    if path.is_dir():
+        return read_10x_mtx(path, sample=sample, gex_only=gex_only)
+    return read_10x_h5(path, sample=sample, gex_only=gex_only)
+
+
 def read_tissue_images(spatial: Path, sample: str, *, load: bool = True) -> tuple[dict, dict]:
     """The hires/lowres tissue images of a Space Ranger ``spatial/`` folder, whichever exist.
 
@@ -259,10 +266,7 @@ def read_visium(folder, *, sample: str, matrix=None, in_tissue_only: bool = True
         raise fail(sample, spatial, "Visium 'spatial/' folder not found (tissue positions, scale "
                                     "factors and images live there)")
     mpath = _find_matrix(folder, sample, matrix)
-    if mpath.is_dir():
-        adata = read_10x_mtx(mpath, sample=sample, gex_only=gex_only)
-    else:
-        adata = read_10x_h5(mpath, sample=sample, gex_only=gex_only)
+    adata = read_matrix(mpath, sample=sample, gex_only=gex_only)
     positions, ppath = read_positions(spatial, sample)
     if not positions.index.is_unique:
         dup = positions.index[positions.index.duplicated()].unique()

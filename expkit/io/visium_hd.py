@@ -10,8 +10,7 @@ import pandas as pd
 
 from .._logging import logger
 from ._checks import check_finite, check_subset, examples, fail, first_line, open_text, require_dir
-from .tenx import read_10x_h5, read_10x_mtx
-from .visium import (POSITION_COLUMNS, _clean_positions, _find_matrix, check_positions, read_tissue_images,
+from .visium import (POSITION_COLUMNS, _clean_positions, _find_matrix, check_positions, read_matrix, read_tissue_images,
                      read_scalefactors)
 
 __all__ = ["read_visium_hd", "is_visium_hd_square", "BIN_SIZES"]
@@ -228,10 +227,7 @@ def read_visium_hd(folder, *, sample: str, bin_size=None, matrix=None, in_tissue
         raise fail(sample, spatial, "Visium HD 'spatial/' folder not found (bin positions, scale "
                                     "factors and images live there)")
     mpath = _find_matrix(square, sample, matrix)
-    if mpath.is_dir():
-        adata = read_10x_mtx(mpath, sample=sample, gex_only=gex_only)
-    else:
-        adata = read_10x_h5(mpath, sample=sample, gex_only=gex_only)
+    adata = read_matrix(mpath, sample=sample, gex_only=gex_only)
     scalefactors, spath = read_scalefactors(spatial, sample)
     sf_size = scalefactors.get("bin_size_um")
     if sf_size is not None:
