@@ -2,10 +2,15 @@
 
     python benchmarks/svg.py                 # every case, each in its own process (peak memory per case)
     python benchmarks/svg.py --case dlpfc    # one case: dlpfc | xenium | genes | grid100k
+    python benchmarks/svg.py --case genes --genes 5000,10000   # the gene-scaling case at chosen sizes
+
+The figures in benchmarks/results/svg.md were taken as
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/svg.py --case xenium --threads 2
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/svg.py --case genes --threads 2
 
 Cases
 - dlpfc:    DLPFC 151673, 3,639 spots x all 5,000 genes (default kernel space, method="auto" -> approx)
-- xenium:   Xenium mouse brain, 36,602 cells x 248 genes
+- xenium:   Xenium mouse brain, 36,602 cells x 248 gene-expression features (control probes and codewords dropped)
 - genes:    1,500 DLPFC spots x {5k, 10k, 20k, 35k} genes resampled from the real counts (time ~ linear)
 - grid100k: a synthetic 317 x 317 grid (100,489 spots) x 8 genes (memory bound check; the default
             kernel space is refused up front, then run without its 2nd SE lengthscale)
@@ -104,19 +109,31 @@ def case_xenium():
     _run(_adata(X, xy, genes), "Xenium mouse brain")
 
 
-def case_genes():
+GENE_SIZES = (5000, 10000, 20000, 35000)
+
+
+def case_genes(sizes=GENE_SIZES):
+    """1,500 DLPFC 151673 spots (drawn once, seed 0, without replacement, sorted) x g genes.
+
+    The g columns are real DLPFC gene columns drawn uniformly with replacement (seed 0, one draw per size in
+    the order 5k, 10k, 20k, 35k, so a size's columns do not depend on which other sizes run) from the 5,000
+    genes (those with >= 3 counts); size factors are the totals of the 5,000 real genes of the 1,500 spots,
+    the same for every size. Duplicated columns are tested as separate genes.
+    """
     X, xy, genes = _dlpfc()
     rng = np.random.default_rng(0)
     spots = np.sort(rng.choice(X.shape[0], 1500, replace=False))
     X, xy = X[spots], xy[spots]
     sf = np.asarray(X.sum(1)).ravel()
+    draws = {g: np.random.default_rng([0, g]).choice(X.shape[1], g, replace=True) for g in GENE_SIZES}
     times = {}
-    for g in (5000, 10000, 20000, 35000):
-        cols = rng.choice(X.shape[1], g, replace=True)
+    for g in sizes:
+        cols = draws[g] if g in draws else np.random.default_rng([0, g]).choice(X.shape[1], g, replace=True)
         a = _adata(X[:, cols], xy, [f"g{i}" for i in range(g)])
         times[g] = _run(a, f"1500 spots x {g} genes", sizefactors=sf, use_cache=False)
+        print(f"  {g} genes: {1e3 * times[g] / g:.3f} ms per gene", flush=True)
     per = {g: 1e3 * t / g for g, t in times.items()}
-    print("ms per gene: " + ", ".join(f"{g}: {v:.2f}" for g, v in per.items()), flush=True)
+    print("ms per gene: " + ", ".join(f"{g}: {v:.3f}" for g, v in per.items()), flush=True)
 
 
 def case_grid100k():
@@ -150,15 +167,21 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--case", choices=list(CASES))
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--genes", default=",".join(map(str, GENE_SIZES)),
+                        help="case genes: comma-separated gene counts (default 5000,10000,20000,35000)")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.case == "genes":
+        case_genes(tuple(int(g) for g in args.genes.split(",")))
+        return
     if args.case:
         CASES[args.case]()
         return
     for name in CASES:
-        subprocess.run([sys.executable, __file__, "--case", name, "--threads", str(args.threads)], check=False)
+        subprocess.run([sys.executable, __file__, "--case", name, "--threads", str(args.threads),
+                        "--genes", args.genes], check=False)
 
 
 if __name__ == "__main__":
