@@ -7,7 +7,9 @@ Each step prints wall time and peak resident memory above the start (benchmarks/
 is importable (e.g. ``/work/peers/.venv/bin/python benchmarks/neighbors.py``; set ``BENCH_EXTRA_SITE`` to
 a site-packages folder appended to sys.path for missing igraph/leidenalg). Input: the fixed PCA of
 tests/reference/nn_inputs.py (50 components), n_neighbors=15, exact kNN on both sides. Steps are the
-``STEPS`` list of ``(name, expkit_fn, scanpy_fn)``, each fn taking ``(adata, ctx)``.
+``STEPS`` list of ``(name, expkit_fn, scanpy_fn)``, each fn taking ``(adata, ctx)``; benchmarks/preprocess.py
+imports the same step functions to time the whole chain qc -> ... -> scale_pca -> knn -> leiden -> umap
+(there expkit's kNN reads ``obsm['pca']``, scanpy's ``obsm['X_pca']``, as here).
 """
 from __future__ import annotations
 
@@ -34,12 +36,9 @@ import nn_inputs as N  # noqa: E402
 
 ek.settings.progress = False
 logging.getLogger("expkit").setLevel(logging.WARNING)
-K = 15
-
-try:
-    import scanpy as sc
-except ImportError:  # pragma: no cover - CI has no scanpy
-    sc = None
+K = 15  # n_neighbors on both sides
+RESOLUTION = 1.0  # Leiden resolution on both sides
+SEED = 0
 
 
 def _adata(P, barcodes):
@@ -53,22 +52,24 @@ def _adata(P, barcodes):
 def _e_knn(a, ctx):
     import expkit.tl as tl
 
-    return tl.knn(a, n_neighbors=K, use_rep="pca", use_gpu=ctx["use_gpu"])
+    return tl.knn(a, n_neighbors=K, use_rep=ctx.get("use_rep", "pca"), use_gpu=ctx["use_gpu"])
 
 
 def _e_leiden(a, ctx):
     import expkit.tl as tl
 
-    return tl.leiden(a, seed=0)
+    return tl.leiden(a, resolution=RESOLUTION, seed=SEED)
 
 
 def _e_umap(a, ctx):
     import expkit.tl as tl
 
-    return tl.umap(a, seed=0, use_gpu=ctx["use_gpu"])
+    return tl.umap(a, seed=SEED, use_gpu=ctx["use_gpu"])
 
 
 def _s_knn(a, ctx):
+    import scanpy as sc
+
     kw = {"transformer": "sklearn"} if a.n_obs >= 8192 else {}  # exact kNN on both sides
     sc.pp.neighbors(a, n_neighbors=K, use_rep="X_pca", method="umap", key_added="sc", **kw)
 
@@ -76,11 +77,16 @@ def _s_knn(a, ctx):
 def _s_leiden(a, ctx):
     import leidenalg  # noqa: F401  (scanpy's flavour; ImportError skips the step)
 
-    sc.tl.leiden(a, random_state=0, flavor="leidenalg", neighbors_key="sc", key_added="sc.leiden")
+    import scanpy as sc
+
+    sc.tl.leiden(a, resolution=RESOLUTION, random_state=SEED, flavor="leidenalg", n_iterations=-1, directed=True,
+                 neighbors_key="sc", key_added="sc.leiden")
 
 
 def _s_umap(a, ctx):
-    sc.tl.umap(a, random_state=0, neighbors_key="sc")
+    import scanpy as sc
+
+    sc.tl.umap(a, min_dist=0.5, random_state=SEED, neighbors_key="sc")
 
 
 # (name, expkit fn, scanpy fn); fns take (adata, ctx) like benchmarks/preprocess.py's Step
@@ -97,6 +103,11 @@ def main() -> None:
     p.add_argument("--sets", default="xenium,dlpfc")
     args = p.parse_args()
     import torch
+
+    try:
+        import scanpy as sc
+    except ImportError:  # pragma: no cover - CI has no scanpy
+        sc = None
 
     for name in args.sets.split(","):
         P, barcodes = N.pca_input(SHARED, name)

@@ -1,4 +1,11 @@
-"""Preprocessing benchmark: expkit next to scanpy, step by step, on the shared real data.
+"""Analysis-chain benchmark: expkit next to scanpy, step by step and in total, on the shared real data.
+
+The chain: qc -> log_normalize -> select_hvg -> scale_pca -> knn -> leiden -> umap, on the Xenium mouse
+brain (36,602 cells x 248 genes) and the two DLPFC sections 151673 + 151674 merged. Matching parameters on
+both sides: Seurat v3 HVGs on counts (2,000, batch-aware on DLPFC; all 248 genes on Xenium), scale (max 10)
++ 50 PCs, exact kNN with n_neighbors=15, Leiden (leidenalg RBConfiguration, resolution 1, seed 0),
+UMAP (min_dist 0.5, spectral start, 200 epochs above 10,000 cells else 500). The knn / leiden / umap step
+functions are those of benchmarks/neighbors.py (which times them alone on a fixed PCA).
 
     # expkit alone (its own venv):
     EXPKIT_SHARED_DATA=/work/shared/data /work/main/.venv/bin/python benchmarks/preprocess.py
@@ -8,13 +15,19 @@
 Options: ``--threads N`` (default 1: BLAS/OpenMP/torch threads), ``--gpu`` (expkit steps on CUDA),
 ``--datasets xenium_mouse_brain dlpfc_merged``, ``--steps qc log_normalize ...``, ``--no-scanpy``,
 ``--tracemalloc`` (a second run of every step under tracemalloc for the Python-heap peak).
+igraph / leidenalg missing from the scanpy venv: ``BENCH_EXTRA_SITE=/work/main/.venv/lib/python3.11/site-packages``
+(appended to sys.path, so the venv's own packages win; see benchmarks/neighbors.py).
 
 Each (dataset, tool) pair runs in a fresh subprocess, so that neither tool inherits the other's freed
 memory; there the dataset is loaded once and the steps run in order on the same AnnData (each step
 sees the previous steps' results, as in an analysis). Per step it reports wall time and the peak
 resident-memory increase over the step's start (RSS sampled every 2 ms, so torch and BLAS buffers
 count too; all steps first run once on a ~400-cell slice so that imports, numba compilation and lazily
-loaded kernels are not measured), and with ``--tracemalloc`` the tracemalloc peak (numpy/Python allocations only).
+loaded kernels are not measured), the process CPU time (all threads; steadier than wall time on a shared
+machine), and with ``--tracemalloc`` the tracemalloc peak (numpy/Python allocations only). The "chain total"
+line sums the steps' times; its memory is the peak resident memory over the whole chain above the RSS
+after loading (and the absolute peak RSS of the process). The ratio is expkit / scanpy wall time
+(<= 1: expkit no slower).
 
 Adding a step: append a ``Step(name, expkit_fn, scanpy_fn)`` to ``STEPS``; each fn takes
 ``(adata, ctx)`` (``ctx``: dataset name, batch key, use_gpu, ...) and returns nothing. Steps that
@@ -57,6 +70,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 import _pp_data as D  # noqa: E402
 
+from benchmarks import neighbors as NB  # noqa: E402  (knn / leiden / umap steps)
+
 SHARED = Path(os.environ.get("EXPKIT_SHARED_DATA", ROOT.parent / "shared" / "data")).resolve()
 
 
@@ -91,6 +106,7 @@ class Step:
     expkit: Callable | None
     scanpy: Callable | None = None
     notes: str = ""
+    info: Callable | None = None  # (adata, tool) -> a short note printed with the result
 
 
 def _ek_qc(a, ctx):
@@ -146,13 +162,23 @@ def _sc_pca(a, ctx):
     a.obsm["X_pca"] = b.obsm["X_pca"]
 
 
+def _leiden_info(a, tool) -> str:
+    key = "leiden" if tool == "expkit" else "sc.leiden"
+    return f"{a.obs[key].nunique()} clusters" if key in a.obs else ""
+
+
 STEPS: list[Step] = [
     Step("qc", _ek_qc, _sc_qc),
     Step("log_normalize", _ek_norm, _sc_norm,
          "expkit keeps counts and writes layers norm + lognorm + X; scanpy overwrites X in place"),
     Step("select_hvg", _ek_hvg, _sc_hvg, "Seurat v3 on counts (batch-aware on dlpfc_merged)"),
     Step("scale_pca", _ek_pca, _sc_pca, "scale (max 10) + 50 PCs; scanpy densifies, expkit stays sparse"),
-    # later steps (knn, leiden, umap, ...) go here
+    Step("knn", NB._e_knn, NB._s_knn,
+         f"exact, n_neighbors={NB.K} + UMAP fuzzy graph; expkit torch brute force, scanpy sklearn (exact)"),
+    Step("leiden", NB._e_leiden, NB._s_leiden,
+         f"leidenalg RBConfiguration, resolution {NB.RESOLUTION}, seed {NB.SEED}, directed, until stable "
+         "(the same library call on both sides)", info=_leiden_info),
+    Step("umap", NB._e_umap, NB._s_umap, "min_dist 0.5, spectral start; expkit torch, scanpy umap-learn (numba)"),
 ]
 
 
@@ -196,6 +222,9 @@ class Result:
     rss_mb: float
     heap_mb: float | None = None
     error: str = field(default="")
+    cpu_s: float = float("nan")
+    peak_abs_mb: float = float("nan")
+    info: str = ""
 
 
 def _measure(fn, adata, ctx, tracemalloc_pass: bool):
@@ -203,14 +232,14 @@ def _measure(fn, adata, ctx, tracemalloc_pass: bool):
 
     gc.collect()
     with _PeakRSS() as mem:
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn(adata, ctx)
         if ctx.get("use_gpu"):
             import torch
 
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-        secs = time.perf_counter() - t0
+        secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     heap = None
     if tracemalloc_pass:
         import tracemalloc
@@ -220,7 +249,7 @@ def _measure(fn, adata, ctx, tracemalloc_pass: bool):
         fn(adata, ctx)
         heap = tracemalloc.get_traced_memory()[1] / 2**20
         tracemalloc.stop()
-    return secs, mem.delta_mb, heap
+    return secs, cpu, mem, heap
 
 
 def worker(args, name: str, tool: str) -> list[Result]:
@@ -246,17 +275,33 @@ def worker(args, name: str, tool: str) -> list[Result]:
         except Exception:
             pass
     del warm
+    import gc
+
+    gc.collect()
+    chain_start = _rss()
+    chain_peak = chain_start
     out = []
     for step in steps:
         fn = getattr(step, tool)
         try:
-            secs, rss, heap = _measure(fn, adata, ctx, args.tracemalloc)
-            out.append(Result(name, step.name, tool, secs, rss, heap))
-            print(f"    {step.name:<14} {secs:8.2f} s  +{rss:8.1f} MB RSS"
-                  + (f"  {heap:8.1f} MB heap" if heap is not None else ""), file=sys.stderr, flush=True)
+            secs, cpu, mem, heap = _measure(fn, adata, ctx, args.tracemalloc)
+            chain_peak = max(chain_peak, mem.peak)
+            info = step.info(adata, tool) if step.info else ""
+            out.append(Result(name, step.name, tool, secs, mem.delta_mb, heap, cpu_s=cpu,
+                              peak_abs_mb=mem.peak / 2**20, info=info))
+            print(f"    {step.name:<14} {secs:8.2f} s  cpu {cpu:8.2f} s  +{mem.delta_mb:8.1f} MB RSS"
+                  + (f"  {heap:8.1f} MB heap" if heap is not None else "") + (f"  {info}" if info else ""),
+                  file=sys.stderr, flush=True)
         except Exception as err:  # keep going: report the failure in the table
             out.append(Result(name, step.name, tool, float("nan"), float("nan"), None, repr(err)))
             print(f"    {step.name:<14} FAILED {err!r}", file=sys.stderr, flush=True)
+    if out:
+        ok = all(not r.error for r in out)
+        nan = float("nan")
+        out.append(Result(name, "chain total", tool, sum(r.seconds for r in out) if ok else nan,
+                          (chain_peak - chain_start) / 2**20, None, "" if ok else "a step failed",
+                          cpu_s=sum(r.cpu_s for r in out) if ok else nan, peak_abs_mb=chain_peak / 2**20,
+                          info=f"{len(out)} steps"))
     return out
 
 
@@ -289,20 +334,40 @@ def run(args) -> list[Result]:
     return results
 
 
-def report(results: list[Result]) -> None:
-    import pandas as pd
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None or v != v else format(v, spec)
 
-    df = pd.DataFrame([r.__dict__ for r in results])
-    if df.empty:
+
+def report(results: list[Result]) -> None:
+    """One table per dataset: the steps in order, then the chain total (markdown-compatible)."""
+    if not results:
         return
-    wide = df.pivot_table(index=["dataset", "step"], columns="tool", values=["seconds", "rss_mb"], sort=False)
-    if ("seconds", "scanpy") in wide.columns:
-        wide[("ratio", "time scanpy/expkit")] = wide[("seconds", "scanpy")] / wide[("seconds", "expkit")]
-        wide[("ratio", "mem scanpy/expkit")] = (wide[("rss_mb", "scanpy")].clip(lower=1)
-                                                / wide[("rss_mb", "expkit")].clip(lower=1))
-    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 2):
-        print()
-        print(wide)
+    by = {(r.dataset, r.step, r.tool): r for r in results}
+    names = [s.name for s in STEPS] + ["chain total"]
+    cols = ("step", "expkit s", "scanpy s", "expkit/scanpy", "expkit cpu s", "scanpy cpu s",
+            "expkit peak +MiB", "scanpy peak +MiB", "notes")
+    for ds in dict.fromkeys(r.dataset for r in results):
+        print(f"\n{ds}\n")
+        print("| " + " | ".join(cols) + " |")
+        print("|" + "|".join("---" for _ in cols) + "|")
+        for step in names:
+            e, s = by.get((ds, step, "expkit")), by.get((ds, step, "scanpy"))
+            if e is None and s is None:
+                continue
+            et, st = (e.seconds if e else None), (s.seconds if s else None)
+            ratio = et / st if et is not None and st else None
+            notes = "; ".join(f"{t} {r.info}" for t, r in (("expkit", e), ("scanpy", s)) if r and r.info
+                              and step != "chain total")
+            if step == "chain total":
+                notes = "abs. peak RSS " + " / ".join(f"{t} {_fmt(r.peak_abs_mb, '.0f')} MiB"
+                                                      for t, r in (("expkit", e), ("scanpy", s)) if r)
+            errs = "; ".join(f"{t} {r.error}" for t, r in (("expkit", e), ("scanpy", s)) if r and r.error)
+            label = f"**{step}**" if step == "chain total" else step
+            print(f"| {label} | {_fmt(et, '.2f')} | {_fmt(st, '.2f')} | {_fmt(ratio, '.2f')} | "
+                  f"{_fmt(e.cpu_s if e else None, '.2f')} | {_fmt(s.cpu_s if s else None, '.2f')} | "
+                  f"{_fmt(e.rss_mb if e else None, '.0f')} | {_fmt(s.rss_mb if s else None, '.0f')} | "
+                  f"{'; '.join(x for x in (notes, errs) if x)} |")
+    print()
     for s in STEPS:
         if s.notes:
             print(f"  {s.name}: {s.notes}")
@@ -321,10 +386,24 @@ def main() -> None:
     import expkit
     import torch
 
-    print(f"expkit {expkit.__version__}, torch {torch.__version__}, threads {args.threads}, "
+    import importlib.metadata as md
+
+    def _v(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "-"
+
+    print(f"expkit {expkit.__version__}, torch {torch.__version__}, scanpy {_v('scanpy')}, umap-learn "
+          f"{_v('umap-learn')}, leidenalg {_v('leidenalg')}, threads {args.threads}, "
           f"device {'cuda' if args.gpu and torch.cuda.is_available() else 'cpu'}, data {SHARED}")
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, {os.cpu_count()} CPUs, "
+          f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     expkit.settings.progress = False
-    report(run(args))
+    results = run(args)
+    print(f"{time.strftime('%H:%M:%S UTC', time.gmtime())}, load average "
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    report(results)
 
 
 if __name__ == "__main__":
