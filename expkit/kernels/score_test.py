@@ -19,11 +19,12 @@ gene-independent products of the kernel with a small basis of the weight vectors
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
 import torch
+
+from .device import single_thread  # noqa: F401  (used below, also re-exported)
 from scipy import special
 
 __all__ = [
@@ -161,20 +162,6 @@ def _pairs(rows, cols, vals, g):
     else:
         pcol, pval, pcnt = cols, vals, torch.ones_like(vals)
     return rows, cols, vals, pcol, pval, pcnt
-
-
-@contextlib.contextmanager
-def single_thread(device: torch.device):
-    """Run a loop of small tensor operations on one CPU thread: with more, OpenMP's waiting worker
-    threads take CPU from the main thread (4x slower with 2 threads on a loaded 2-core machine)."""
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and threads > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
 
 
 def fit_nb_null(y: torch.Tensor, s: torch.Tensor, **kw):

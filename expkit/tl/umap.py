@@ -6,7 +6,7 @@ import numpy as np
 from .._settings import settings
 from ..errors import InputError
 from ..kernels import umap as _umap
-from ..kernels.device import resolve_device
+from ..kernels.device import resolve_device, single_thread
 from .neighbors import get_connectivities
 
 
@@ -38,8 +38,10 @@ def umap(adata, *, min_dist: float = 0.5, spread: float = 1.0, n_epochs: int | N
         Y0 = np.asarray(adata.obsm[init] if isinstance(init, str) else init, dtype=np.float32)
         if Y0.shape != (n, n_components):
             raise InputError(f"init must have shape {(n, n_components)}, got {Y0.shape}")
-    Y = _umap.optimize_layout(Y0, W, a=a, b=b, n_epochs=n_epochs, device=resolve_device(use_gpu), seed=seed,
-                              negative_sample_rate=negative_sample_rate)
+    device = resolve_device(use_gpu)
+    with single_thread(device):  # ~30 small tensor ops per epoch: a 2nd OpenMP thread only waits
+        Y = _umap.optimize_layout(Y0, W, a=a, b=b, n_epochs=n_epochs, device=device, seed=seed,
+                                  negative_sample_rate=negative_sample_rate)
     adata.obsm[key_added] = Y.astype(np.float32)
     adata.uns[key_added] = {"params": {"min_dist": float(min_dist), "spread": float(spread), "n_epochs": n_epochs,
                                        "seed": seed, "init": init if isinstance(init, str) else "array",
