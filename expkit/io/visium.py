@@ -189,6 +189,29 @@ def check_positions(xy: np.ndarray, barcodes, images: dict, scalefactors: dict, 
                                      f"{hint}")
 
 
+def match_positions(adata, positions: pd.DataFrame, ppath: Path, sample: str, *, what: str,
+                    in_tissue_only: bool, log_dropped: bool = True):
+    """The positions rows of the matrix's barcodes (all must be there, once), in-tissue ones only if asked.
+
+    Returns ``(adata, positions)`` restricted alike.
+    """
+    if not positions.index.is_unique:
+        dup = positions.index[positions.index.duplicated()].unique()
+        raise fail(sample, ppath, f"{len(dup)} duplicated barcodes (e.g. {examples(dup)})")
+    check_subset(adata.obs_names, positions.index, f"matrix {'barcodes' if what == 'spots' else what}",
+                 "the tissue positions file", sample, ppath)
+    pos = positions.loc[adata.obs_names]
+    if in_tissue_only:
+        keep = (pos["in_tissue"] == 1).to_numpy()
+        if not keep.all():
+            if log_dropped:
+                logger.info("sample %r: %d %s of the matrix are not in tissue; dropped", sample,
+                            int((~keep).sum()), what)
+            adata = adata[keep].copy()
+            pos = pos.loc[keep]
+    return adata, pos
+
+
 def read_matrix(path: Path, *, sample: str, gex_only: bool = True):
     """A 10x matrix: an MTX folder or a Cell Ranger HDF5 file."""
     if path.is_dir():
@@ -268,20 +291,8 @@ def read_visium(folder, *, sample: str, matrix=None, in_tissue_only: bool = True
     mpath = _find_matrix(folder, sample, matrix)
     adata = read_matrix(mpath, sample=sample, gex_only=gex_only)
     positions, ppath = read_positions(spatial, sample)
-    if not positions.index.is_unique:
-        dup = positions.index[positions.index.duplicated()].unique()
-        raise fail(sample, ppath, f"{len(dup)} duplicated barcodes (e.g. {examples(dup)})")
-    check_subset(adata.obs_names, positions.index, "matrix barcodes", "the tissue positions file",
-                 sample, ppath)
-    pos = positions.loc[adata.obs_names]
-    if in_tissue_only:
-        keep = (pos["in_tissue"] == 1).to_numpy()
-        if not keep.all():
-            if "filtered" in mpath.name:
-                logger.info("sample %r: %d spots of the filtered matrix are not in tissue; dropped",
-                            sample, int((~keep).sum()))
-            adata = adata[keep].copy()
-            pos = pos.loc[keep]
+    adata, pos = match_positions(adata, positions, ppath, sample, what="spots", in_tissue_only=in_tissue_only,
+                                 log_dropped="filtered" in mpath.name)
     xy = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
     check_finite(xy, pos.index, "spots", sample, ppath)
     arr = pos[["array_row", "array_col"]].to_numpy(dtype=np.float64)

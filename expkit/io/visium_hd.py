@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 
 from .._logging import logger
-from ._checks import check_finite, check_subset, examples, fail, first_line, open_text, require_dir
-from .visium import (POSITION_COLUMNS, _clean_positions, _find_matrix, check_positions, read_matrix, read_tissue_images,
-                     read_scalefactors)
+from ._checks import check_finite, fail, first_line, open_text, require_dir
+from .visium import (POSITION_COLUMNS, _clean_positions, _find_matrix, check_positions, match_positions,
+                     read_matrix, read_scalefactors, read_tissue_images)
 
 __all__ = ["read_visium_hd", "is_visium_hd_square", "BIN_SIZES"]
 
@@ -245,19 +245,7 @@ def read_visium_hd(folder, *, sample: str, bin_size=None, matrix=None, in_tissue
         logger.warning("sample %r: %s has no 'microns_per_pixel'; pixel positions cannot be "
                        "converted to microns", sample, spath)
     positions, ppath = read_hd_positions(spatial, sample)
-    if not positions.index.is_unique:
-        dup = positions.index[positions.index.duplicated()].unique()
-        raise fail(sample, ppath, f"{len(dup)} duplicated barcodes (e.g. {examples(dup)})")
-    check_subset(adata.obs_names, positions.index, "matrix bins", "the tissue positions file",
-                 sample, ppath)
-    pos = positions.loc[adata.obs_names]
-    if in_tissue_only:
-        keep = (pos["in_tissue"] == 1).to_numpy()
-        if not keep.all():
-            logger.info("sample %r: %d bins of the matrix are not in tissue; dropped", sample,
-                        int((~keep).sum()))
-            adata = adata[keep].copy()
-            pos = pos.loc[keep]
+    adata, pos = match_positions(adata, positions, ppath, sample, what="bins", in_tissue_only=in_tissue_only)
     xy = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(dtype=np.float64)
     check_finite(xy, pos.index, "bins", sample, ppath)
     arr = pos[["array_row", "array_col"]].to_numpy(dtype=np.float64)
