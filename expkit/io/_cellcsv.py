@@ -71,6 +71,25 @@ def locate_pair(path: Path, sample, *, matrix_suffix: str, metadata_suffix: str,
     return mpath, cpath
 
 
+def cell_anndata(X, names, genes, obs: pd.DataFrame, xy: np.ndarray, controls, *, sample, mpath: Path,
+                 unit: str, technology: str, scalefactors: dict | None = None, metadata: dict | None = None):
+    """The AnnData of a cell-level export: counts, obs, centres in ``obsm['spatial']``, control probes in
+    ``obsm['controls']``, the unit and ``uns['spatial'][sample]`` (no images)."""
+    from ._build import build_var, make_anndata
+
+    adata = make_anndata(X, names, build_var(genes, genes), sample=sample, file=mpath, obs=obs)
+    adata.obsm["spatial"] = xy
+    if controls is not None:
+        adata.obsm["controls"] = pd.DataFrame(controls[0].astype(np.float32), index=adata.obs_names,
+                                              columns=controls[1])
+    adata.uns["spatial.unit"] = unit
+    key = sample if sample is not None else mpath.parent.name
+    adata.uns["spatial"] = {key: {"images": {}, "scalefactors": dict(scalefactors or {}),
+                                  "metadata": {"technology": technology, "source_image_path": "",
+                                               **(metadata or {})}}}
+    return adata
+
+
 def control_mask(columns: Sequence[str], prefixes: Sequence[str]) -> np.ndarray:
     """Boolean mask of the control-probe columns (name starting with one of ``prefixes``,
     case-insensitive)."""

@@ -7,8 +7,7 @@ import numpy as np
 import pandas as pd
 
 from .._logging import logger
-from ._build import build_var, make_anndata
-from ._cellcsv import (header_fields, locate_pair, numeric_columns, read_cell_table,
+from ._cellcsv import (cell_anndata, header_fields, locate_pair, numeric_columns, read_cell_table,
                        read_wide_counts, split_controls)
 from ._checks import check_finite, check_subset, check_unique, examples, fail
 
@@ -139,14 +138,5 @@ def read_cosmx(folder_or_csv, *, sample: str | None = None, metadata=None,
         unit = "um"
     obs = meta.drop(columns=["CenterX_global_px", "CenterY_global_px"])
     obs["control_counts"] = ctrl_total
-    var = build_var(genes, genes)
-    adata = make_anndata(X, names, var, sample=sample, file=mpath, obs=obs)
-    adata.obsm["spatial"] = xy
-    if controls is not None:
-        adata.obsm["controls"] = pd.DataFrame(controls[0].astype(np.float32), index=adata.obs_names,
-                                              columns=controls[1])
-    adata.uns["spatial.unit"] = unit
-    key = sample if sample is not None else mpath.parent.name
-    adata.uns["spatial"] = {key: {"images": {}, "scalefactors": scalefactors,
-                                  "metadata": {"technology": "cosmx", "source_image_path": ""}}}
-    return adata
+    return cell_anndata(X, names, genes, obs, xy, controls, sample=sample, mpath=mpath, unit=unit,
+                        technology="cosmx", scalefactors=scalefactors)

@@ -3,11 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 
-from ._build import build_var, make_anndata
-from ._cellcsv import (header_fields, locate_pair, numeric_columns, read_cell_table,
+from ._cellcsv import (cell_anndata, header_fields, locate_pair, numeric_columns, read_cell_table,
                        read_wide_counts, split_controls)
 from ._checks import check_finite, check_subset, check_unique, fail
 
@@ -95,15 +92,6 @@ def read_merscope(folder_or_csv, *, sample: str | None = None, cell_metadata=Non
     check_finite(xy, cells, "cells", sample, cpath)
     obs = meta.drop(columns=["center_x", "center_y"])
     obs["control_counts"] = ctrl_total
-    var = build_var(genes, genes)
-    adata = make_anndata(X, cells, var, sample=sample, file=mpath, obs=obs)
-    adata.obsm["spatial"] = xy
-    if controls is not None:
-        adata.obsm["controls"] = pd.DataFrame(controls[0].astype(np.float32), index=adata.obs_names,
-                                              columns=controls[1])
-    adata.uns["spatial.unit"] = "um"
-    key = sample if sample is not None else mpath.parent.name
-    adata.uns["spatial"] = {key: {"images": {}, "scalefactors": {},
-                                  "metadata": {"technology": "merscope", "source_image_path": "",
-                                               "id_column": id_col}}}
+    adata = cell_anndata(X, cells, genes, obs, xy, controls, sample=sample, mpath=mpath, unit="um",
+                         technology="merscope", metadata={"id_column": id_col})
     return adata
