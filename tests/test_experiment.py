@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +142,22 @@ def test_interrupted_save_leaves_previous_state(dlpfc_expm, tmp_path, monkeypatc
     assert _hashes(folder) == before, "an interrupted save changed the folder"
     again = ek.load_experiment(folder)
     _assert_equal(again.spatial_bin["151673"], dlpfc_expm.spatial_bin["151673"])
+
+
+def test_killed_save_temporaries_are_cleaned(dlpfc_expm, tmp_path):
+    folder = tmp_path / "e"
+    shutil.copytree(dlpfc_expm.path, folder)
+    old = folder / "spatial-bin" / ".151673.h5ad.k1ll3d.tmp"  # what a save killed by the OS leaves
+    young = folder / "spatial-bin" / ".151674.h5ad.runn1ng.tmp"  # another process's save, in progress
+    for f in (old, young):
+        f.write_bytes(b"\x89HDF partial")
+    os.utime(old, (time.time() - 2 * 3600, time.time() - 2 * 3600))
+    expm = ek.load_experiment(folder)
+    assert store.leftover_temporaries(folder) == [old, young]
+    expm.spatial_bin.run(lambda a: a.obs.__setitem__("flag", 1), "151673")
+    expm.save()
+    assert not old.exists() and young.exists()
+    assert "flag" in ek.load_experiment(folder).spatial_bin["151673"].obs
 
 
 def test_run_on_samples_semantics(dlpfc_expm):

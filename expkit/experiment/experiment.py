@@ -21,6 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
 
 OBS_COLUMNS = ("sample", "batch", "group", "modality", "taxa")
+STALE_TEMPORARY_S = 3600.0  # a temporary file older than this is left by a killed save, not a running one
 
 
 class Experiment:
@@ -287,6 +288,11 @@ class Experiment:
         for m, s in removed:
             store.remove_quietly(folder / store.sample_file(m, s))
             store.remove_quietly(folder / store.image_file(m, s))
+        stale = store.leftover_temporaries(folder, older_than=STALE_TEMPORARY_S)
+        for tmp in stale:  # left by a save that was killed: never referenced by the manifest
+            tmp.unlink(missing_ok=True)
+        if stale:
+            logger.info("removed %d temporary file(s) left by an interrupted save", len(stale))
         self._manifest = manifest
         self._changed.clear()
         self._integrated_changed = False
@@ -497,6 +503,11 @@ def load_experiment(path: str | Path) -> Experiment:
         table = pd.read_csv(table_path, sep="\t", dtype=str, keep_default_na=False)
     except Exception as exc:
         raise FormatError(f"{str(table_path)!r} cannot be read: {exc}") from exc
+    stale = store.leftover_temporaries(path)
+    if stale:
+        logger.warning("%s holds %d temporary file(s) of an interrupted save (%s...); they are not part of the "
+                       "experiment, and the next save() removes those older than an hour",
+                       path, len(stale), stale[0].relative_to(path))
     return Experiment(path, table, manifest)
 
 

@@ -86,6 +86,27 @@ def staged(target: Path):
         raise
 
 
+def leftover_temporaries(folder: Path, *, older_than: float = 0.0) -> list[Path]:
+    """Temporary files of saves that were killed before they finished (``.<name>.<random>.tmp``).
+
+    Only files last modified more than ``older_than`` seconds ago: a younger one may belong to a save that
+    another process is running right now.
+    """
+    import time
+
+    if not folder.is_dir():
+        return []
+    cutoff = time.time() - older_than
+    found = []
+    for path in folder.rglob(".*.tmp"):
+        try:
+            if path.is_file() and path.stat().st_mtime <= cutoff:
+                found.append(path)
+        except FileNotFoundError:  # renamed or removed by a concurrent save
+            continue
+    return sorted(found)
+
+
 def fsync_file(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
