@@ -13,7 +13,9 @@ Each kernel is held in one of four representations behind the same small interfa
 - :class:`SparseKernel` SE entries below ``tol`` dropped (short lengthscales; chunked KD-tree search);
 - :class:`LowRankKernel` ``K ~ F F'`` from a pivoted Cholesky stopped when the residual trace is below
   ``tol * n`` (long lengthscales), or the exact rank-2 factor of the cosine kernel;
-- :class:`SumKernel` a sum of the above (the omnibus test).
+- :class:`SumKernel` a sum of the above (the omnibus test);
+- ``expkit.kernels.ski.SKIKernel`` (own module) the SE kernel in 2-D by grid interpolation (middle lengthscales
+  on large samples, neither sparse nor low rank).
 
 No ``n x n`` temporary is formed outside :class:`DenseKernel`.
 """
@@ -247,6 +249,13 @@ class SumKernel(_Kernel):
 
 def hadamard_rowsum(a: _Kernel, b: _Kernel) -> torch.Tensor:
     """``rowsum(A o B)`` for two kernel operators, without an n x n temporary where avoidable."""
+    if isinstance(a, SumKernel):
+        return sum(hadamard_rowsum(p, b) for p in a.parts)
+    if isinstance(b, SumKernel):
+        return sum(hadamard_rowsum(a, p) for p in b.parts)
+    for x, y in ((a, b), (b, a)):  # operators that know their cross terms (expkit.kernels.ski)
+        if hasattr(x, "hadamard_rowsum_with"):
+            return x.hadamard_rowsum_with(y)
     if isinstance(a, DenseKernel) and isinstance(b, DenseKernel):
         return (a.K * b.K).sum(1)
     if isinstance(b, DenseKernel):
@@ -272,10 +281,6 @@ def hadamard_rowsum(a: _Kernel, b: _Kernel) -> torch.Tensor:
         prod = (a.K.to_sparse_coo() * b.K.to_sparse_coo()).coalesce()
         out = torch.zeros(a.n, dtype=prod.values().dtype, device=prod.values().device)
         return out.index_add_(0, prod.indices()[0], prod.values())
-    if isinstance(a, SumKernel):
-        return sum(hadamard_rowsum(p, b) for p in a.parts)
-    if isinstance(b, SumKernel):
-        return sum(hadamard_rowsum(a, p) for p in b.parts)
     raise TypeError(f"no Hadamard row sum for {type(a).__name__} and {type(b).__name__}")
 
 
