@@ -334,19 +334,21 @@ def se_sparse(coords, lengthscale: float, tol: float, device: torch.device, dtyp
     n = coords.shape[0]
     tree = cKDTree(coords)
     r = _se_cutoff(lengthscale, tol)
-    rows, cols, vals = [], [], []
+    blocks = []
     for s in range(0, n, chunk):
         sub = cKDTree(coords[s:s + chunk])
         m = sub.sparse_distance_matrix(tree, r, output_type="ndarray")
-        m = m[np.argsort(m["i"], kind="stable")]
-        rows.append(m["i"].astype(np.int64) + s)
-        cols.append(m["j"].astype(np.int64))
-        vals.append(np.exp(-(m["v"] ** 2) / (2.0 * lengthscale ** 2)))
-    rows, cols, vals = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
-    # (the ndarray output keeps zero distances: the diagonal and duplicated positions)
-    m = sp.csr_matrix((vals, (rows, cols)), shape=(n, n))
-    m.sum_duplicates()
-    m.sort_indices()
+        # (the ndarray output keeps zero distances: the diagonal and duplicated positions)
+        b = sp.csr_matrix((np.exp(-(m["v"] ** 2) / (2.0 * lengthscale ** 2)), (m["i"], m["j"])),
+                          shape=(min(chunk, n - s), n))
+        del m
+        b.sum_duplicates()
+        b.sort_indices()
+        blocks.append(b)  # CSR per row chunk: no n-wide coordinate arrays of all non-zeros at once
+    m = sp.vstack(blocks, format="csr")
+    del blocks
+    m.indices = m.indices.astype(np.int64, copy=False)
+    m.indptr = m.indptr.astype(np.int64, copy=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
         K = torch.sparse_csr_tensor(torch.as_tensor(m.indptr, dtype=torch.int64),
