@@ -58,8 +58,9 @@ def ski_grid_shape(coords, lengthscale: float, order: int = 6, eps: float = 1e-6
     """``(gx, gy, h)`` of the grid for ``lengthscale`` (no allocation).
 
     ``h = l / c`` with ``c = ski_factor(order, eps)``; where the grid products then cost less than the
-    interpolations (long lengthscales: small grids), the grid is refined for free, by factors of 1.25 while
-    ``gx gy (gx + gy) <= 6 order^2 n`` (the interpolation cost), up to ``c`` for ``eps = 1e-13``. Long
+    interpolations (long lengthscales: small grids), the grid is refined almost for free, by factors of 1.25
+    while ``gx gy (gx + gy) <= 2 order^2 n`` (a third of the interpolation cost), up to ``c`` for
+    ``eps = 1e-13``. Long
     lengthscales need it: there ``P K`` is small against ``K`` (``P 1 = 0`` removes the near-constant part),
     so ``e`` and ``I`` cancel and amplify the entry error (on DLPFC, ``l = 10787``: ``I`` 1.7e-4 relative at
     ``eps = 1e-6`` without refinement).
@@ -76,7 +77,7 @@ def ski_grid_shape(coords, lengthscale: float, order: int = 6, eps: float = 1e-6
     gx, gy, h = shape(c)
     while c * 1.25 <= c_max:
         nx, ny, nh = shape(c * 1.25)
-        if nx * ny * (nx + ny) > 6.0 * order * order * n:
+        if nx * ny * (nx + ny) > 2.0 * order * order * n:
             break
         c, gx, gy, h = c * 1.25, nx, ny, nh
     return gx, gy, h
