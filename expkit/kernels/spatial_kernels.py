@@ -13,7 +13,9 @@ Each kernel is held in one of four representations behind the same small interfa
 - :class:`SparseKernel` SE entries below ``tol`` dropped (short lengthscales; chunked KD-tree search);
 - :class:`LowRankKernel` ``K ~ F F'`` from a pivoted Cholesky stopped when the residual trace is below
   ``tol * n`` (long lengthscales), or the exact rank-2 factor of the cosine kernel;
-- :class:`SumKernel` a sum of the above (the omnibus test).
+- :class:`SumKernel` a sum of the above (the omnibus test);
+- ``expkit.kernels.ski.SKIKernel`` (own module) the SE kernel in 2-D by grid interpolation (middle lengthscales
+  on large samples, neither sparse nor low rank).
 
 No ``n x n`` temporary is formed outside :class:`DenseKernel`.
 """
@@ -247,6 +249,13 @@ class SumKernel(_Kernel):
 
 def hadamard_rowsum(a: _Kernel, b: _Kernel) -> torch.Tensor:
     """``rowsum(A o B)`` for two kernel operators, without an n x n temporary where avoidable."""
+    if isinstance(a, SumKernel):
+        return sum(hadamard_rowsum(p, b) for p in a.parts)
+    if isinstance(b, SumKernel):
+        return sum(hadamard_rowsum(a, p) for p in b.parts)
+    for x, y in ((a, b), (b, a)):  # operators that know their cross terms (expkit.kernels.ski)
+        if hasattr(x, "hadamard_rowsum_with"):
+            return x.hadamard_rowsum_with(y)
     if isinstance(a, DenseKernel) and isinstance(b, DenseKernel):
         return (a.K * b.K).sum(1)
     if isinstance(b, DenseKernel):
@@ -272,10 +281,6 @@ def hadamard_rowsum(a: _Kernel, b: _Kernel) -> torch.Tensor:
         prod = (a.K.to_sparse_coo() * b.K.to_sparse_coo()).coalesce()
         out = torch.zeros(a.n, dtype=prod.values().dtype, device=prod.values().device)
         return out.index_add_(0, prod.indices()[0], prod.values())
-    if isinstance(a, SumKernel):
-        return sum(hadamard_rowsum(p, b) for p in a.parts)
-    if isinstance(b, SumKernel):
-        return sum(hadamard_rowsum(a, p) for p in b.parts)
     raise TypeError(f"no Hadamard row sum for {type(a).__name__} and {type(b).__name__}")
 
 
@@ -329,19 +334,21 @@ def se_sparse(coords, lengthscale: float, tol: float, device: torch.device, dtyp
     n = coords.shape[0]
     tree = cKDTree(coords)
     r = _se_cutoff(lengthscale, tol)
-    rows, cols, vals = [], [], []
+    blocks = []
     for s in range(0, n, chunk):
         sub = cKDTree(coords[s:s + chunk])
         m = sub.sparse_distance_matrix(tree, r, output_type="ndarray")
-        m = m[np.argsort(m["i"], kind="stable")]
-        rows.append(m["i"].astype(np.int64) + s)
-        cols.append(m["j"].astype(np.int64))
-        vals.append(np.exp(-(m["v"] ** 2) / (2.0 * lengthscale ** 2)))
-    rows, cols, vals = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
-    # (the ndarray output keeps zero distances: the diagonal and duplicated positions)
-    m = sp.csr_matrix((vals, (rows, cols)), shape=(n, n))
-    m.sum_duplicates()
-    m.sort_indices()
+        # (the ndarray output keeps zero distances: the diagonal and duplicated positions)
+        b = sp.csr_matrix((np.exp(-(m["v"] ** 2) / (2.0 * lengthscale ** 2)), (m["i"], m["j"])),
+                          shape=(min(chunk, n - s), n))
+        del m
+        b.sum_duplicates()
+        b.sort_indices()
+        blocks.append(b)  # CSR per row chunk: no n-wide coordinate arrays of all non-zeros at once
+    m = sp.vstack(blocks, format="csr")
+    del blocks
+    m.indices = m.indices.astype(np.int64, copy=False)
+    m.indptr = m.indptr.astype(np.int64, copy=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
         K = torch.sparse_csr_tensor(torch.as_tensor(m.indptr, dtype=torch.int64),

@@ -15,6 +15,7 @@ from .. import __version__
 from .._logging import logger, progress as _progress
 from ..errors import InputError, KeyNotFoundError, ResourceError
 from ..kernels import score_test as st
+from ..kernels import ski
 from ..kernels import spatial_kernels as sk
 from ..kernels.device import resolve_device
 
@@ -95,13 +96,34 @@ def _kernel_name(kind: str, l: float) -> str:
 # ----------------------------------------------------------------------------------------------
 # kernel construction plan
 # ----------------------------------------------------------------------------------------------
+def _ski_plan(l, coords, n, tol):
+    """SKI (2-D grid interpolation) plan for an SE kernel, or None where it does not apply (not 2-D)."""
+    if coords.shape[1] != 2:
+        return None
+    gx, gy, h = ski.ski_grid_shape(coords, l, eps=tol)
+    gx2, gy2, _ = ski.ski_grid_shape(coords, l / math.sqrt(2.0), eps=tol)  # rowsum(K o K): l / sqrt 2
+    return {"rep": "ski", "bytes": max(ski.ski_bytes(n, gx, gy), ski.ski_bytes(n, gx2, gy2)),
+            "cost": ski.ski_cost(n, gx, gy), "grid": (gx, gy)}
+
+
 def _plan_kernel(kind, l, coords, n, method, tol, sparse_tol, budget):
-    """Choose a representation and estimate its memory, before anything large is allocated."""
+    """Choose a representation and estimate its memory, before anything large is allocated.
+
+    ``approx``: per SE kernel the cheapest of sparse (``3 nnz_row`` multiply-adds per column of ``K Z``),
+    low rank (``2 r``, with ``r ~ rank_est / 2``: the estimate was 1.5-3x the rank on DLPFC, ~1x on a
+    regular grid) and, in 2-D, SKI (:func:`ski.ski_cost`) among those that fit (a low-rank factor that does
+    not reach ``tol`` falls back to the cheapest other). ``ski``: SKI for every SE kernel (2-D only)."""
     if kind == "PER":
         return {"rep": "cosine", "bytes": 16 * n}
     dense_bytes = 8 * n * n
     if method == "exact":
         return {"rep": "dense", "bytes": dense_bytes}
+    ski_p = _ski_plan(l, coords, n, tol)
+    if method == "ski":
+        if ski_p is None:
+            raise InputError("method='ski' needs 2-D coordinates")
+        return ski_p
+    ski_ok = ski_p is not None and ski_p["bytes"] <= budget
     nnz_row = sk.se_sparse_nnz(coords, l, sparse_tol)
     sparse_bytes = int(nnz_row * n * 16 * 2.5)  # values + indices, and the build's temporaries
     # numerical rank of an SE kernel ~ (number of spots) / (spots within a few lengthscales): a rough
@@ -109,17 +131,25 @@ def _plan_kernel(kind, l, coords, n, method, tol, sparse_tol, budget):
     rank_est = min(n, 200.0 * n / max(nnz_row, 1.0))
     # a rank-r factor costs about 2 r n per column; a CSR product about 3 nnz_row n
     if sparse_bytes <= budget and (nnz_row <= 64 or 2.0 * rank_est > 3.0 * nnz_row) and nnz_row < 0.5 * n:
+        if ski_ok and ski_p["cost"] < 3.0 * nnz_row * n:
+            return ski_p
         return {"rep": "sparse", "bytes": sparse_bytes, "nnz_row": nnz_row}
+    if ski_ok and ski_p["cost"] < rank_est * n:
+        return ski_p
     if sparse_bytes > budget and n * rank_est ** 2 > 1e12 and dense_bytes > budget:
+        if ski_ok:
+            return ski_p
         raise ResourceError(
             f"SE kernel with lengthscale {l:.5g} on {n} spots is too wide to be sparse ({nnz_row:.0f} entries "
-            f"per row, {sparse_bytes / 1024 ** 3:.1f} GiB) and too narrow to be low rank (rank ~{rank_est:.0f}); "
-            "pass a kernel_space without it")
+            f"per row, {sparse_bytes / 1024 ** 3:.1f} GiB) and too narrow to be low rank (rank ~{rank_est:.0f})"
+            + ("" if ski_p is None else f", and its SKI grid needs {ski_p['bytes'] / 1024 ** 3:.1f} GiB")
+            + "; pass a kernel_space without it")
     max_rank = int(min(n, 4096))
     max_rank = int(min(max_rank, max(64, 2 * rank_est), math.sqrt(2e12 / n)))
     lowrank_bytes = 8 * n * max_rank
     return {"rep": "lowrank", "bytes": lowrank_bytes, "max_rank": max_rank, "nnz_row": nnz_row,
-            "fallback_sparse_bytes": sparse_bytes, "dense_bytes": dense_bytes}
+            "fallback_sparse_bytes": sparse_bytes, "dense_bytes": dense_bytes,
+            "fallback_ski": ski_p if ski_ok else None}
 
 
 def _build_kernel(kind, l, coords, plan, device, tol, sparse_tol, budget, dist_cache=None):
@@ -133,16 +163,25 @@ def _build_kernel(kind, l, coords, plan, device, tol, sparse_tol, budget, dist_c
         return sk.se_dense(coords, l, device)
     if plan["rep"] == "sparse":
         return sk.se_sparse(coords, l, sparse_tol, device)
+    if plan["rep"] == "ski":
+        return ski.se_ski(coords, l, device, eps=tol)
     op = sk.se_lowrank(coords, l, tol, device, max_rank=plan["max_rank"])
     if op is not None:
         return op
-    # not low rank at this tolerance: the cheaper of sparse and dense that fits
-    if plan["dense_bytes"] <= budget and plan["nnz_row"] > 0.25 * coords.shape[0]:
-        return sk.se_dense(coords, l, device)
+    # not low rank at this tolerance: the cheapest of SKI, sparse and dense that fits
+    n = coords.shape[0]
+    options = []
+    if plan.get("fallback_ski") is not None:
+        options.append((plan["fallback_ski"]["cost"], "ski"))
     if plan["fallback_sparse_bytes"] <= budget:
-        return sk.se_sparse(coords, l, sparse_tol, device)
+        options.append((3.0 * plan["nnz_row"] * n, "sparse"))
     if plan["dense_bytes"] <= budget:
-        return sk.se_dense(coords, l, device)
+        options.append((float(n) * n, "dense"))
+    if options:
+        rep = min(options)[1]
+        if rep == "ski":
+            return ski.se_ski(coords, l, device, eps=tol)
+        return sk.se_sparse(coords, l, sparse_tol, device) if rep == "sparse" else sk.se_dense(coords, l, device)
     raise ResourceError(
         f"SE kernel with lengthscale {l:.5g} on {coords.shape[0]} spots is neither low rank (rank > "
         f"{plan['max_rank']} at tol={tol}) nor sparse enough ({plan['nnz_row']:.0f} entries per row) to fit "
@@ -187,7 +226,9 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
     method
         ``"exact"`` (dense kernels), ``"approx"`` (SE kernels sparse below ``sparse_tol`` or low rank by
         a pivoted Cholesky stopped at a relative residual trace ``tol``; the cosine kernel is always
-        exactly rank 2) or ``"auto"`` (exact up to ``exact_max_spots`` spots).
+        exactly rank 2; in 2-D, SE kernels that are neither sparse nor cheaply low rank by grid interpolation
+        (SKI) with a largest entry error ~``tol``), ``"auto"`` (exact up to ``exact_max_spots`` spots) or
+        ``"ski"`` (every SE kernel by SKI, 2-D only: for accuracy checks).
     use_cache
         Reuse kernels and null fits from earlier calls with the same coordinates / counts / parameters
         (kept in memory in this module, never in ``adata``).
@@ -205,8 +246,8 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
     dist = _OBS_DIST.get(str(obs_dist).lower().replace("-", "_").replace(" ", "_"))
     if dist is None:
         raise InputError(f"obs_dist must be 'negative_binomial' or 'normal', not {obs_dist!r}")
-    if method not in ("auto", "exact", "approx"):
-        raise InputError(f"method must be 'auto', 'exact' or 'approx', not {method!r}")
+    if method not in ("auto", "exact", "approx", "ski"):
+        raise InputError(f"method must be 'auto', 'exact', 'approx' or 'ski', not {method!r}")
     device = resolve_device(use_gpu)
 
     # ---- inputs
