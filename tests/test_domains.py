@@ -223,3 +223,24 @@ def test_through_the_dispatcher(tmp_path):
     res = dispatch.run(m, integrate_domains_spagcn, True, kind="joint", n_clusters=5, max_epochs=30)
     assert set(res) == {"151673", "151674"}
     assert list(m["151673"].obs["integrated"].cat.categories) == list(m["151674"].obs["integrated"].cat.categories)
+
+
+def test_shared_genes_order_and_scale():
+    """The genes every sample has, in the first sample's order, found in linear time (a set per sample:
+    rebuilding it per gene took ~35 s per sample at 13,000 genes, the Stahl breast cancer sections)."""
+    import time
+
+    import anndata as ad
+
+    from expkit.spatial.domains import _shared_genes
+
+    def make(names):
+        return ad.AnnData(np.zeros((2, len(names)), dtype=np.float32), var=pd.DataFrame(index=names))
+
+    assert _shared_genes([make(["c", "a", "b"]), make(["b", "c", "d"]), make(["a", "b", "c"])]) == ["c", "b"]
+    assert _shared_genes([make(["a", "b"])]) == ["a", "b"]
+    many = [f"g{i}" for i in range(20000)]
+    t0 = time.perf_counter()
+    shared = _shared_genes([make(many), make(many[::-1]), make(many[1:])])
+    assert shared == many[1:]
+    assert time.perf_counter() - t0 < 5.0  # the quadratic version takes minutes

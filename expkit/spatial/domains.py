@@ -110,6 +110,15 @@ def refine_domains(labels, array_coords, shape: str = "hexagon") -> np.ndarray:
     return gcn.refine_labels(np.asarray(labels, dtype=np.int64), nb)
 
 
+def _shared_genes(adatas) -> list:
+    """The var_names every AnnData has, in the order of the first (one hash set per AnnData: linear time)."""
+    genes = list(adatas[0].var_names) if adatas else []
+    for ad in adatas[1:]:
+        present = set(ad.var_names)
+        genes = [g for g in genes if g in present]
+    return genes
+
+
 def _categorical(labels: np.ndarray, k: int | None = None) -> pd.Categorical:
     k = int(labels.max()) + 1 if k is None else k
     return pd.Categorical(labels.astype(str), categories=[str(i) for i in range(k)])
@@ -265,10 +274,7 @@ def integrate_domains_spagcn(adatas: Mapping[str, object], *, layer: str | None 
     device = resolve_device(use_gpu)
     names = list(adatas)
     blocks, ls, mats = [], {}, []
-    genes = None
-    for s in names:
-        ad = adatas[s]
-        genes = list(ad.var_names) if genes is None else [g for g in genes if g in set(ad.var_names)]
+    genes = _shared_genes([adatas[s] for s in names])
     if not genes:
         raise InputError(f"samples {names} share no genes")
     for s in names:
