@@ -75,7 +75,8 @@ def sample_name(adata) -> str:
 def fig_ax(ax=None, figsize=None, dpi=None):
     if ax is not None:
         return ax.figure, ax
-    fig, ax = plt.subplots(figsize=figsize or (6, 6), dpi=dpi)
+    # constrained layout keeps a legend or colorbar placed outside the axes inside the saved figure
+    fig, ax = plt.subplots(figsize=figsize or (6, 6), dpi=dpi, layout="constrained")
     return fig, ax
 
 
