@@ -2,6 +2,7 @@
 # Set-up and the two commands of the README, on a machine with only Python (>= 3.10) and pip:
 #   bash dev.sh demo    # creates .venv, installs expkit, runs the demo
 #   bash dev.sh test    # creates .venv, installs expkit with its test extras, runs the test suite
+#   bash dev.sh tutorials [NAME ...]  # executes tutorials/*.ipynb into tutorials/rendered/ (notebooks + PNGs)
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -22,5 +23,6 @@ shift || true
 case "$cmd" in
   demo) exec "$VPY" -m expkit.demo "$@" ;;
   test) exec "$VPY" -m pytest -q -p no:cacheprovider "$@" ;;
-  *) echo "usage: bash dev.sh demo|test [args]" >&2; exit 2 ;;
+  tutorials) exec "$VPY" tutorials/run.py "$@" ;;
+  *) echo "usage: bash dev.sh demo|test|tutorials [args]" >&2; exit 2 ;;
 esac
