@@ -57,7 +57,7 @@ def compare(a, perk, res, omni=None):
     allok = np.all([(rel[q] < 1e-4).all(1) for q in "UeI"], 0)
     rows.append({"test": "Cauchy", "genes all 30 < 1e-4": allok.mean(),
                  **{f"{q} max / median": f"{rel[q].max():.1e} / {np.median(rel[q]):.1e}" for q in "UeI"},
-                 "Spearman": stats.spearmanr(ours[fin], theirs[fin]).correlation,
+                 "Spearman": f"{stats.spearmanr(ours[fin], theirs[fin]).correlation:.5f}",
                  "padj<0.05 ours/SDE2/Jaccard": f"{len(A)} / {len(B)} / {len(A & B) / len(A | B):.3f}"})
     if omni is not None:
         o, ref = omni
@@ -70,7 +70,7 @@ def compare(a, perk, res, omni=None):
         allok = np.all([rel[q] < 1e-4 for q in "UeI"], 0)
         rows.append({"test": "omnibus", "genes all 30 < 1e-4": allok.mean(),
                      **{f"{q} max / median": f"{rel[q].max():.1e} / {np.median(rel[q]):.1e}" for q in "UeI"},
-                     "Spearman": stats.spearmanr(ours[fin], theirs[fin]).correlation,
+                     "Spearman": f"{stats.spearmanr(ours[fin], theirs[fin]).correlation:.5f}",
                      "padj<0.05 ours/SDE2/Jaccard": f"{len(A)} / {len(B)} / {len(A & B) / len(A | B):.3f}"})
     return rows
 
