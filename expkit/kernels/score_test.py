@@ -49,41 +49,44 @@ def _lgamma_ratio(yv, r):
       ``eps r``: that noise stopped the fit of some near-Poisson genes far from their optimum);
     - below: the direct forms.
     """
+    yv, r = torch.broadcast_tensors(yv, r)
+    lg, psi, tri = torch.empty_like(r), torch.empty_like(r), torch.empty_like(r)
     big = (r > 1e6 * torch.clamp(yv, min=1.0)) & (yv == torch.round(yv))
-    rs = torch.where(big, r, torch.ones_like(r))
-    s1 = yv * (yv - 1.0) / 2.0
-    s2 = (yv - 1.0) * yv * (2.0 * yv - 1.0) / 6.0
-    s3 = s1 * s1
-    inv = 1.0 / rs
-    series_lg = s1 * inv - s2 * inv ** 2 / 2.0 + s3 * inv ** 3 / 3.0
-    series_psi = -(yv * inv - s1 * inv ** 2 + s2 * inv ** 3)
-    series_tri = yv * inv ** 2 - 2.0 * s1 * inv ** 3 + 3.0 * s2 * inv ** 4
     mid = ~big & (r >= 1e3)
-    rm = torch.where(mid, r, torch.full_like(r, 1e3))
-    q = rm + yv
-    l1p = torch.log1p(yv / rm)
-    i1, j1 = 1.0 / rm, 1.0 / q
-    i2, j2 = i1 * i1, j1 * j1
-    # lgamma(x) = (x - 1/2) log x - x + log(2 pi)/2 + 1/(12x) - 1/(360x^3) + 1/(1260x^5) - 1/(1680x^7) + ...
-    stir_lg = ((q - 0.5) * l1p - yv
-               + (j1 * (1.0 / 12 - j2 * (1.0 / 360 - j2 * (1.0 / 1260 - j2 / 1680)))
-                  - i1 * (1.0 / 12 - i2 * (1.0 / 360 - i2 * (1.0 / 1260 - i2 / 1680)))))
-    # psi(x) = log x - 1/(2x) - 1/(12x^2) + 1/(120x^4) - 1/(252x^6) + 1/(240x^8) - ...
-    stir_psi = (-l1p - 0.5 * (i1 - j1)
-                - (i2 * (1.0 / 12 - i2 * (1.0 / 120 - i2 * (1.0 / 252 - i2 / 240)))
-                   - j2 * (1.0 / 12 - j2 * (1.0 / 120 - j2 * (1.0 / 252 - j2 / 240)))))
-    # psi'(x) = 1/x + 1/(2x^2) + 1/(6x^3) - 1/(30x^5) + 1/(42x^7) - 1/(30x^9) + ...
-    d1 = yv * i1 * j1                                            # 1/r - 1/(r + y)
-    stir_tri = (d1 + 0.5 * d1 * (i1 + j1)
-                + (i1 * i2 * (1.0 / 6 - i2 * (1.0 / 30 - i2 * (1.0 / 42 - i2 / 30)))
-                   - j1 * j2 * (1.0 / 6 - j2 * (1.0 / 30 - j2 * (1.0 / 42 - j2 / 30)))))
-    rd = torch.where(big | mid, torch.ones_like(r), r)
-    direct_lg = torch.lgamma(yv + rd) - torch.lgamma(rd) - yv * torch.log(rd)
-    direct_psi = torch.digamma(rd) - torch.digamma(yv + rd)
-    direct_tri = torch.polygamma(1, rd) - torch.polygamma(1, yv + rd)
-    return (torch.where(big, series_lg, torch.where(mid, stir_lg, direct_lg)),
-            torch.where(big, series_psi, torch.where(mid, stir_psi, direct_psi)),
-            torch.where(big, series_tri, torch.where(mid, stir_tri, direct_tri)))
+    low = ~(big | mid)
+    # (each form only where it is used)
+    if bool(big.any()):
+        y, inv = yv[big], 1.0 / r[big]
+        s1 = y * (y - 1.0) / 2.0
+        s2 = (y - 1.0) * y * (2.0 * y - 1.0) / 6.0
+        lg[big] = s1 * inv - s2 * inv ** 2 / 2.0 + s1 * s1 * inv ** 3 / 3.0
+        psi[big] = -(y * inv - s1 * inv ** 2 + s2 * inv ** 3)
+        tri[big] = y * inv ** 2 - 2.0 * s1 * inv ** 3 + 3.0 * s2 * inv ** 4
+    if bool(mid.any()):
+        y, rm = yv[mid], r[mid]
+        q = rm + y
+        l1p = torch.log1p(y / rm)
+        i1, j1 = 1.0 / rm, 1.0 / q
+        i2, j2 = i1 * i1, j1 * j1
+        # lgamma(x) = (x - 1/2) log x - x + log(2 pi)/2 + 1/(12x) - 1/(360x^3) + 1/(1260x^5) - 1/(1680x^7) + ...
+        lg[mid] = ((q - 0.5) * l1p - y
+                   + (j1 * (1.0 / 12 - j2 * (1.0 / 360 - j2 * (1.0 / 1260 - j2 / 1680)))
+                      - i1 * (1.0 / 12 - i2 * (1.0 / 360 - i2 * (1.0 / 1260 - i2 / 1680)))))
+        # psi(x) = log x - 1/(2x) - 1/(12x^2) + 1/(120x^4) - 1/(252x^6) + 1/(240x^8) - ...
+        psi[mid] = (-l1p - 0.5 * (i1 - j1)
+                    - (i2 * (1.0 / 12 - i2 * (1.0 / 120 - i2 * (1.0 / 252 - i2 / 240)))
+                       - j2 * (1.0 / 12 - j2 * (1.0 / 120 - j2 * (1.0 / 252 - j2 / 240)))))
+        # psi'(x) = 1/x + 1/(2x^2) + 1/(6x^3) - 1/(30x^5) + 1/(42x^7) - 1/(30x^9) + ...
+        d1 = y * i1 * j1                                            # 1/r - 1/(r + y)
+        tri[mid] = (d1 + 0.5 * d1 * (i1 + j1)
+                    + (i1 * i2 * (1.0 / 6 - i2 * (1.0 / 30 - i2 * (1.0 / 42 - i2 / 30)))
+                       - j1 * j2 * (1.0 / 6 - j2 * (1.0 / 30 - j2 * (1.0 / 42 - j2 / 30)))))
+    if bool(low.any()):
+        y, rd = yv[low], r[low]
+        lg[low] = torch.lgamma(y + rd) - torch.lgamma(rd) - y * torch.log(rd)
+        psi[low] = torch.digamma(rd) - torch.digamma(y + rd)
+        tri[low] = torch.polygamma(1, rd) - torch.polygamma(1, y + rd)
+    return lg, psi, tri
 
 
 class _SpotSums:
