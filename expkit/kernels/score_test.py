@@ -39,23 +39,54 @@ __all__ = [
 def _lgamma_ratio(yv, r):
     """``lgamma(y + r) - lgamma(r) - y log r`` and the digamma / trigamma differences
     ``psi(r) - psi(y + r)``, ``psi'(r) - psi'(y + r)``, accurate also for ``r >> y`` (a -> 0), where the
-    direct forms cancel: there, for integer ``y``, the sums ``sum_k log(1 + k/r)``, ``sum_k 1/(r + k)`` and
-    ``sum_k 1/(r + k)^2`` over ``k < y`` are expanded in ``1/r`` with ``S_p = sum_k k^p``."""
+    direct forms cancel:
+
+    - ``r > 1e6 max(y, 1)``, integer ``y``: the sums ``sum_k log(1 + k/r)``, ``sum_k 1/(r + k)`` and
+      ``sum_k 1/(r + k)^2`` over ``k < y`` expanded in ``1/r`` with ``S_p = sum_k k^p``;
+    - otherwise ``r >= 1e3``: the differences of Stirling's series for ``lgamma``, ``psi`` and ``psi'`` at
+      ``r`` and ``r + y``, written with ``log1p(y / r)`` (absolute error ~1e-16 y; the direct forms lose
+      ``eps lgamma(r)`` ~ 3e-9 at ``r = 1e6``, and ``r (psi(r) - psi(y + r))``, in the gradient in ``log a``,
+      ``eps r``: that noise stopped the fit of some near-Poisson genes far from their optimum);
+    - below: the direct forms.
+    """
+    yv, r = torch.broadcast_tensors(yv, r)
+    lg, psi, tri = torch.empty_like(r), torch.empty_like(r), torch.empty_like(r)
     big = (r > 1e6 * torch.clamp(yv, min=1.0)) & (yv == torch.round(yv))
-    rs = torch.where(big, r, torch.ones_like(r))
-    s1 = yv * (yv - 1.0) / 2.0
-    s2 = (yv - 1.0) * yv * (2.0 * yv - 1.0) / 6.0
-    s3 = s1 * s1
-    inv = 1.0 / rs
-    series_lg = s1 * inv - s2 * inv ** 2 / 2.0 + s3 * inv ** 3 / 3.0
-    series_psi = -(yv * inv - s1 * inv ** 2 + s2 * inv ** 3)
-    series_tri = yv * inv ** 2 - 2.0 * s1 * inv ** 3 + 3.0 * s2 * inv ** 4
-    rd = torch.where(big, torch.ones_like(r), r)
-    direct_lg = torch.lgamma(yv + rd) - torch.lgamma(rd) - yv * torch.log(rd)
-    direct_psi = torch.digamma(rd) - torch.digamma(yv + rd)
-    direct_tri = torch.polygamma(1, rd) - torch.polygamma(1, yv + rd)
-    return (torch.where(big, series_lg, direct_lg), torch.where(big, series_psi, direct_psi),
-            torch.where(big, series_tri, direct_tri))
+    mid = ~big & (r >= 1e3)
+    low = ~(big | mid)
+    # (each form only where it is used)
+    if bool(big.any()):
+        y, inv = yv[big], 1.0 / r[big]
+        s1 = y * (y - 1.0) / 2.0
+        s2 = (y - 1.0) * y * (2.0 * y - 1.0) / 6.0
+        lg[big] = s1 * inv - s2 * inv ** 2 / 2.0 + s1 * s1 * inv ** 3 / 3.0
+        psi[big] = -(y * inv - s1 * inv ** 2 + s2 * inv ** 3)
+        tri[big] = y * inv ** 2 - 2.0 * s1 * inv ** 3 + 3.0 * s2 * inv ** 4
+    if bool(mid.any()):
+        y, rm = yv[mid], r[mid]
+        q = rm + y
+        l1p = torch.log1p(y / rm)
+        i1, j1 = 1.0 / rm, 1.0 / q
+        i2, j2 = i1 * i1, j1 * j1
+        # lgamma(x) = (x - 1/2) log x - x + log(2 pi)/2 + 1/(12x) - 1/(360x^3) + 1/(1260x^5) - 1/(1680x^7) + ...
+        lg[mid] = ((q - 0.5) * l1p - y
+                   + (j1 * (1.0 / 12 - j2 * (1.0 / 360 - j2 * (1.0 / 1260 - j2 / 1680)))
+                      - i1 * (1.0 / 12 - i2 * (1.0 / 360 - i2 * (1.0 / 1260 - i2 / 1680)))))
+        # psi(x) = log x - 1/(2x) - 1/(12x^2) + 1/(120x^4) - 1/(252x^6) + 1/(240x^8) - ...
+        psi[mid] = (-l1p - 0.5 * (i1 - j1)
+                    - (i2 * (1.0 / 12 - i2 * (1.0 / 120 - i2 * (1.0 / 252 - i2 / 240)))
+                       - j2 * (1.0 / 12 - j2 * (1.0 / 120 - j2 * (1.0 / 252 - j2 / 240)))))
+        # psi'(x) = 1/x + 1/(2x^2) + 1/(6x^3) - 1/(30x^5) + 1/(42x^7) - 1/(30x^9) + ...
+        d1 = y * i1 * j1                                            # 1/r - 1/(r + y)
+        tri[mid] = (d1 + 0.5 * d1 * (i1 + j1)
+                    + (i1 * i2 * (1.0 / 6 - i2 * (1.0 / 30 - i2 * (1.0 / 42 - i2 / 30)))
+                       - j1 * j2 * (1.0 / 6 - j2 * (1.0 / 30 - j2 * (1.0 / 42 - j2 / 30)))))
+    if bool(low.any()):
+        y, rd = yv[low], r[low]
+        lg[low] = torch.lgamma(y + rd) - torch.lgamma(rd) - y * torch.log(rd)
+        psi[low] = torch.digamma(rd) - torch.digamma(y + rd)
+        tri[low] = torch.polygamma(1, rd) - torch.polygamma(1, y + rd)
+    return lg, psi, tri
 
 
 class _SpotSums:
@@ -301,10 +332,6 @@ def _fit_nb_null(nz, n: int, g: int, s: torch.Tensor, *, max_iter: int = 60,
         at_lo = ((p <= lo + 1e-12) | (a * mmax < 1e-10)) & (g_p < 0)
         at_hi = (p >= hi - 1e-12) & (g_p > 0)
         frozen = at_lo | at_hi
-        # converged: gradient zero to rounding (log a: or pinned at a bound)
-        gscale = 1e-9 * (1.0 + ysum)
-        done = (g_b.abs() < gscale) & ((g_p.abs() < gscale) | frozen)
-        done = done | ~active[idx]           # (converged earlier: kept as is)
         fb = fallback[idx]
         det = h_bb * h_pp - h_bp ** 2
         negdef = (h_bb < 0) & (det > 0) & ~fb
@@ -312,6 +339,18 @@ def _fit_nb_null(nz, n: int, g: int, s: torch.Tensor, *, max_iter: int = 60,
         spp = h_pp.abs().clamp_min(1e-300)
         d_b = torch.where(negdef, -(h_pp * g_b - h_bp * g_p) / det, g_b / sb)
         d_p = torch.where(negdef, -(h_bb * g_p - h_bp * g_b) / det, g_p / spp)
+        # converged: gradient zero to rounding, and the Newton step would gain less than
+        # 1e-12 (1 + sum y) in log-likelihood (the Newton decrement; where log a is pinned at a bound,
+        # that of b alone). A small gradient alone is not enough: near a -> 0 the log-likelihood is
+        # ~ A + c a - d a^2, so the gradient in log a is O(a) however far the optimum is (a fit could stop
+        # at a = 1e-6 with the optimum at a = 1e-3, or above the 1e-8 bound for an under-dispersed gene)
+        gscale = 1e-9 * (1.0 + ysum)
+        ltol = 1e-12 * (1.0 + ysum)
+        gain_newton = 0.5 * (g_b * d_b + g_p * d_p)
+        gain_b = 0.5 * g_b * g_b / sb
+        done = (g_b.abs() < gscale) & ((frozen & (gain_b < ltol))
+                                       | (negdef & (g_p.abs() < gscale) & (gain_newton < ltol)))
+        done = done | ~active[idx]           # (converged earlier: kept as is)
         d_b = torch.where(frozen, g_b / sb, d_b)
         d_p = torch.where(frozen, torch.zeros_like(d_p), d_p)
         # near a -> 0 the log-likelihood is ~ A -+ c a, so Newton moves log a by about -1 (towards the

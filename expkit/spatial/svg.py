@@ -197,7 +197,7 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
                   progress: bool = True, n_svg: int = 500, key_added: str = "spatialde",
                   method: str = "auto", tol: float = 1e-6, sparse_tol: float = 1e-8,
                   exact_max_spots: int = 2000, chunk_size: int | None = None,
-                  max_memory: float | None = None) -> pd.DataFrame:
+                  max_memory: float | None = None, _null_fit=None) -> pd.DataFrame:
     """Test every gene for spatial variation with SpatialDE2's score test.
 
     Per gene, a negative-binomial null ``y_i ~ NB(s_i exp(b), a)`` (size factors ``s``) is fitted for
@@ -242,6 +242,10 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
     one column per kernel); ``varm['<key>.null']`` the null fit (log mean ``b`` per unit size factor and
     dispersion ``a``; mean and variance for the normal model); ``uns[key]`` with params, kernels and their representations.
     Genes without counts get NaN and are left out of the correction. Returns the per-gene table.
+
+    ``_null_fit`` (internal, for validation): a given null instead of the fit, as two arrays over
+    ``var`` like ``varm['<key>.null']`` (``(log_mean, dispersion)``; mean and variance for the normal
+    model); the null cache is then neither read nor written.
     """
     dist = _OBS_DIST.get(str(obs_dist).lower().replace("-", "_").replace(" ", "_"))
     if dist is None:
@@ -319,7 +323,7 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
 
     # ---- null model (cached)
     data_key = _hash_arrays(Xs, s, tested) + dist + str(device)
-    null_hit = use_cache and data_key in _NULL_CACHE
+    null_hit = use_cache and data_key in _NULL_CACHE and _null_fit is None
     chunks = [tested[i:i + chunk_size] for i in range(0, g, chunk_size)]
 
     def dense_chunk(cols):
@@ -328,7 +332,12 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
         return torch.as_tensor(block, dtype=torch.float64, device=device)
 
     s_t = torch.as_tensor(s, dtype=torch.float64, device=device)
-    if null_hit:
+    if _null_fit is not None:
+        given = [np.asarray(v, dtype=np.float64).ravel() for v in _null_fit]
+        if len(given) != 2 or any(v.shape != (n_vars,) for v in given):
+            raise InputError(f"_null_fit must be two arrays of length n_vars = {n_vars}")
+        null = {"p1": given[0][tested], "p2": given[1][tested], "converged": np.ones(g, dtype=bool)}
+    elif null_hit:
         null = _NULL_CACHE[data_key]
         _NULL_CACHE.move_to_end(data_key)
     else:
@@ -549,6 +558,7 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
         "null_not_converged": int((~null["converged"]).sum()) if g else 0,
         "weight_basis_residual": basis_residual if g else 0.0,
         "cache": {"kernels": int(hits), "null": bool(null_hit)},
+        **({"null_given": True} if _null_fit is not None else {}),
         "device": str(device),
     }
     return res
