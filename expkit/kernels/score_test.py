@@ -215,8 +215,12 @@ def fit_nb_null_csc(indptr: torch.Tensor, indices: torch.Tensor, data: torch.Ten
         return _fit_nb_null(_pairs(rows, cols, vals, g), n, g, s, **kw)
 
 
+NULL_FITS = ("mle", "spatialde2")
+
+
 def _fit_nb_null(nz, n: int, g: int, s: torch.Tensor, *, max_iter: int = 60,
-                 min_alpha: float = 1e-8, max_alpha: float = 1e6, spot_sums: "_SpotSums | None" = None):
+                 min_alpha: float = 1e-8, max_alpha: float = 1e6, spot_sums: "_SpotSums | None" = None,
+                 null_fit: str = "mle"):
     """Maximum-likelihood ``(b, a)`` of ``y_i ~ NB(s_i exp(b), a)`` for every column of ``y`` at once.
 
     Damped Newton on ``(b, log a)`` with the exact Hessian and a step-halving line search, for all
@@ -227,7 +231,15 @@ def _fit_nb_null(nz, n: int, g: int, s: torch.Tensor, *, max_iter: int = 60,
     SpatialDE2's floor for its starting value; the Poisson limit ``a -> 0`` has no finite optimum) and
     above by ``max_alpha``. Starts from SpatialDE2's values: ``log mean(y / s)`` and the DESeq
     moments dispersion. Returns ``beta, alpha, converged``; all-zero columns give NaN.
+
+    ``null_fit="spatialde2"`` reproduces SpatialDE2's fits: genes whose moments dispersion
+    ``(var(y/s) - mean(1/s) mean(y/s)) / mean(y/s)^2`` (population variance) is ``<= min_alpha`` keep
+    ``a = min_alpha`` (SpatialDE2's BFGS starts there and does not leave it: the gradient in ``log a`` is
+    O(a)) and only ``b`` is fitted (the same iteration with the step in ``log a`` masked); the other genes
+    get the maximum-likelihood fit as with ``"mle"``.
     """
+    if null_fit not in NULL_FITS:
+        raise ValueError(f"null_fit must be one of {NULL_FITS}, not {null_fit!r}")
     s = s.to(torch.float64)
     dev = s.device
     rows_all, cols_all, vals_all, pcol_all, pval_all, pcnt_all = nz
@@ -243,6 +255,8 @@ def _fit_nb_null(nz, n: int, g: int, s: torch.Tensor, *, max_iter: int = 60,
     empty = ~(mean > 0)
     beta = torch.log(torch.where(empty, torch.ones_like(mean), mean))
     phi = torch.log(torch.clamp(torch.nan_to_num(disp, nan=1.0), min=min_alpha, max=max_alpha))
+    # SpatialDE2's compatibility: log a held at its start (the floor) where the moments estimate is <= it
+    pinned = (~(disp > min_alpha) & (mean > 0)) if null_fit == "spatialde2" else None
     ysum_all = torch.zeros(g, dtype=torch.float64, device=dev).index_add_(0, cols_all, vals_all)
     if spot_sums is None:  # (callers fitting several gene chunks with the same s pass one in)
         spot_sums = _SpotSums(s)
@@ -332,6 +346,8 @@ def _fit_nb_null(nz, n: int, g: int, s: torch.Tensor, *, max_iter: int = 60,
         at_lo = ((p <= lo + 1e-12) | (a * mmax < 1e-10)) & (g_p < 0)
         at_hi = (p >= hi - 1e-12) & (g_p > 0)
         frozen = at_lo | at_hi
+        if pinned is not None:
+            frozen = frozen | pinned[idx]
         fb = fallback[idx]
         det = h_bb * h_pp - h_bp ** 2
         negdef = (h_bb < 0) & (det > 0) & ~fb
@@ -359,6 +375,7 @@ def _fit_nb_null(nz, n: int, g: int, s: torch.Tensor, *, max_iter: int = 60,
         near0 = a * mmax < 1e-2
         d_p = torch.where(near0 & negdef & (d_p < -0.9) & (g_p < 0), 4.0 * d_p, d_p)
         d_p = torch.where(near0 & ~negdef & (g_p > 0), 2.0 * d_p.abs().clamp_min(0.5), d_p)
+        d_p = torch.where(frozen, torch.zeros_like(d_p), d_p)   # (again: after the near-0 steps)
         d_p = d_p.clamp(-8.0, 5.0)
         d_b = d_b.clamp(-5.0, 5.0)
         old = ll[idx]

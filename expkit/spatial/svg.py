@@ -197,7 +197,7 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
                   progress: bool = True, n_svg: int = 500, key_added: str = "spatialde",
                   method: str = "auto", tol: float = 1e-6, sparse_tol: float = 1e-8,
                   exact_max_spots: int = 2000, chunk_size: int | None = None,
-                  max_memory: float | None = None, _null_fit=None) -> pd.DataFrame:
+                  max_memory: float | None = None, null_fit: str = "mle", _null_fit=None) -> pd.DataFrame:
     """Test every gene for spatial variation with SpatialDE2's score test.
 
     Per gene, a negative-binomial null ``y_i ~ NB(s_i exp(b), a)`` (size factors ``s``) is fitted for
@@ -235,6 +235,14 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
     max_memory
         Memory budget in GiB (default: the memory available now). A run that cannot fit raises
         :class:`expkit.errors.ResourceError` before it starts.
+    null_fit
+        How the negative-binomial null is fitted. ``"mle"`` (default): the maximum-likelihood ``(b, a)``
+        of every gene. ``"spatialde2"``: SpatialDE2's fits, to reproduce its published results: its
+        per-gene BFGS starts the dispersion at ``max(1e-8, moments estimate)`` and, where the moments
+        estimate ``(var(y/s) - mean(1/s) mean(y/s)) / mean(y/s)^2`` is ``<= 1e-8``, stays at the Poisson
+        limit ``a = 1e-8`` although the likelihood is higher elsewhere (up to ~14 log-likelihood units on
+        DLPFC); so those genes keep ``a = 1e-8`` and only ``b`` is fitted, the others get the
+        maximum-likelihood fit. No effect with ``obs_dist="normal"``. See ``docs/svg.md``.
 
     Writes ``var['<key>.pval']``, ``['<key>.padj']``, ``['<key>.log10p']`` (log10 p, finite where p
     underflows), ``['<key>.rank']`` (1 = most significant), ``['<key>.svg']`` (padj < 0.05 and rank <=
@@ -243,7 +251,7 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
     dispersion ``a``; mean and variance for the normal model); ``uns[key]`` with params, kernels and their representations.
     Genes without counts get NaN and are left out of the correction. Returns the per-gene table.
 
-    ``_null_fit`` (internal, for validation): a given null instead of the fit, as two arrays over
+    ``_null_fit`` (internal, for validation; not the same as ``null_fit``): a given null instead of the fit, as two arrays over
     ``var`` like ``varm['<key>.null']`` (``(log_mean, dispersion)``; mean and variance for the normal
     model); the null cache is then neither read nor written.
     """
@@ -252,6 +260,8 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
         raise InputError(f"obs_dist must be 'negative_binomial' or 'normal', not {obs_dist!r}")
     if method not in ("auto", "exact", "approx", "ski"):
         raise InputError(f"method must be 'auto', 'exact', 'approx' or 'ski', not {method!r}")
+    if null_fit not in st.NULL_FITS:
+        raise InputError(f"null_fit must be one of {st.NULL_FITS}, not {null_fit!r}")
     device = resolve_device(use_gpu)
 
     # ---- inputs
@@ -322,7 +332,7 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
             f"{budget / 1024 ** 3:.1f} GiB are available; use method='approx', fewer kernels or max_memory")
 
     # ---- null model (cached)
-    data_key = _hash_arrays(Xs, s, tested) + dist + str(device)
+    data_key = _hash_arrays(Xs, s, tested) + dist + str(device) + (null_fit if dist == "negative_binomial" else "")
     null_hit = use_cache and data_key in _NULL_CACHE and _null_fit is None
     chunks = [tested[i:i + chunk_size] for i in range(0, g, chunk_size)]
 
@@ -357,14 +367,14 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
             b, a, c = st.fit_nb_null_csc(torch.as_tensor(ip[start:end + 1] - ip[start], device=device),
                                          torch.as_tensor(csc.indices[lo_:hi_], device=device),
                                          torch.as_tensor(csc.data[lo_:hi_], dtype=torch.float64, device=device),
-                                         n, s_t, spot_sums=spot_sums)
+                                         n, s_t, spot_sums=spot_sums, null_fit=null_fit)
             conv[start:end], p1[start:end], p2[start:end] = c.cpu().numpy(), b.cpu().numpy(), a.cpu().numpy()
             start = end
         for i, cols in enumerate(chunks if csc is None else []):
             y = dense_chunk(cols)
             sl = slice(i * chunk_size, i * chunk_size + cols.size)
             if dist == "negative_binomial":
-                b, a, c = st.fit_nb_null(y, s_t, spot_sums=spot_sums)
+                b, a, c = st.fit_nb_null(y, s_t, spot_sums=spot_sums, null_fit=null_fit)
                 conv[sl] = c.cpu().numpy()
             else:
                 b, a = st.fit_normal_null(y)
@@ -547,7 +557,7 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
                    "sizefactors": sizefactors if isinstance(sizefactors, str) else
                    ("total_counts" if sizefactors is None else "array"),
                    "n_svg": int(n_svg), "method": mode, "tol": tol, "sparse_tol": sparse_tol,
-                   "use_gpu": bool(use_gpu)},
+                   "use_gpu": bool(use_gpu), "null_fit": null_fit},
         "version": __version__,
         "kernels": names,
         "lengthscales": {nm: l for nm, (_, l) in zip(names, kernels)},
