@@ -160,6 +160,30 @@ def test_killed_save_temporaries_are_cleaned(dlpfc_expm, tmp_path):
     assert "flag" in ek.load_experiment(folder).spatial_bin["151673"].obs
 
 
+def test_x_equal_to_a_layer_is_written_once(dlpfc_expm, tmp_path):
+    import h5py
+
+    folder = tmp_path / "e"
+    shutil.copytree(dlpfc_expm.path, folder)
+    expm = ek.load_experiment(folder)
+    m = expm.spatial_bin
+    counts = m["151673"].layers["counts"].copy()
+    m.log_normalize(run_on_samples=["151673"])  # X becomes a copy of layers["lognorm"]
+    m["151674"].X = m["151674"].X * 2  # X equal to no layer: written as it is
+    expm.save()
+    with h5py.File(folder / "spatial-bin" / "151673.h5ad", "r") as f:
+        assert "X" not in f and "lognorm" in f["layers"]
+    with h5py.File(folder / "spatial-bin" / "151674.h5ad", "r") as f:
+        assert "X" in f
+    assert "expkit.X_is_layer" not in m["151673"].uns and m["151673"].X is not None  # the object is unchanged
+    again = ek.load_experiment(folder).spatial_bin
+    a, b = again["151673"], again["151674"]
+    assert "expkit.X_is_layer" not in a.uns
+    assert (a.X != a.layers["lognorm"]).nnz == 0 and a.X is not a.layers["lognorm"]
+    assert (a.layers["counts"] != counts).nnz == 0
+    assert (b.X != 2 * b.layers["counts"]).nnz == 0
+
+
 def test_run_on_samples_semantics(dlpfc_expm):
     m = dlpfc_expm.spatial_bin
     n = lambda a: a.n_obs  # noqa: E731

@@ -24,13 +24,15 @@ from pathlib import Path
 from ..errors import FormatError
 
 FORMAT_NAME = "expkit-experiment"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a sample file may omit X when X equals one of its layers (uns[X_IS_LAYER] names it)
 MANIFEST = "manifest.json"
 TABLE = "samples.tsv"
 INTEGRATED = "integrated.h5mu"
 
 # Migrations from older format versions: {old_version: function(manifest dict) -> manifest of old_version + 1}.
-MIGRATIONS: dict[int, callable] = {}
+# 1 -> 2: nothing to rewrite (format-1 sample files store X; format 2 reads both).
+MIGRATIONS: dict[int, callable] = {1: lambda manifest: {**manifest, "format_version": 2}}
+X_IS_LAYER = "expkit.X_is_layer"
 
 
 def sample_file(modality: str, sample: str) -> str:
@@ -126,9 +128,46 @@ def write_text_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
 
 
+def layer_equal_to_x(adata) -> str | None:
+    """The name of a layer holding exactly ``adata.X`` (same object, or same format, dtype and values)."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    X = adata.X
+    if X is None:
+        return None
+    for name, layer in adata.layers.items():
+        if layer is X:
+            return name
+        if type(layer) is not type(X) or layer.shape != X.shape or layer.dtype != X.dtype:
+            continue
+        if sp.issparse(X) and X.format in ("csr", "csc"):
+            if (layer.nnz == X.nnz and np.array_equal(layer.indptr, X.indptr)
+                    and np.array_equal(layer.indices, X.indices) and np.array_equal(layer.data, X.data)):
+                return name
+        elif isinstance(X, np.ndarray) and np.array_equal(layer, X):
+            return name
+    return None
+
+
 def write_h5ad(adata, tmp: Path) -> None:
-    """Write an AnnData (compressed, no pickles: anndata's h5ad is pure HDF5)."""
-    adata.write_h5ad(tmp, compression="gzip", compression_opts=4)
+    """Write an AnnData (compressed, no pickles: anndata's h5ad is pure HDF5).
+
+    When ``X`` equals a layer (raw counts, or the log-normalised values, are usually both), ``X`` is not
+    written twice: the file names the layer in ``uns[X_IS_LAYER]`` and :func:`read_h5ad` restores ``X``.
+    """
+    name = layer_equal_to_x(adata)
+    if name is None:
+        adata.write_h5ad(tmp, compression="gzip", compression_opts=4)
+    else:
+        X = adata.X
+        adata.X = None
+        adata.uns[X_IS_LAYER] = name
+        try:
+            adata.write_h5ad(tmp, compression="gzip", compression_opts=4)
+        finally:
+            del adata.uns[X_IS_LAYER]
+            adata.X = X
     fsync_file(tmp)
 
 
@@ -138,9 +177,15 @@ def read_h5ad(path: Path, *, what: str):
     if not path.is_file():
         raise FormatError(f"{what}: file {str(path)!r} is missing from the experiment folder")
     try:
-        return ad.read_h5ad(path)
+        adata = ad.read_h5ad(path)
     except Exception as exc:
         raise FormatError(f"{what}: {str(path)!r} cannot be read ({type(exc).__name__}: {exc})") from exc
+    name = adata.uns.pop(X_IS_LAYER, None)
+    if name is not None:
+        if name not in adata.layers:
+            raise FormatError(f"{what}: {str(path)!r} stores X as layer {name!r}, which it does not have")
+        adata.X = adata.layers[name].copy()
+    return adata
 
 
 def write_h5mu(mdata, tmp: Path) -> None:
