@@ -330,10 +330,9 @@ def read_mob(shared):
     return a
 
 
-def read_dlpfc300(shared):
-    """DLPFC 151673 as in the protocol: 3,639 x 5,000 after the filters, the 300-gene subset
-    (``default_rng(0).choice(5000, 300)``, sorted); size factors over all 5,000 genes (``obs['sf']``)."""
-    import anndata as ad
+def read_dlpfc151673(shared):
+    """DLPFC 151673 filtered as in the protocol: genes with total >= 3, then spots with total > 10:
+    ``(X, xy, genes)`` = 3,639 x 5,000 float64 CSR counts, (pxl_col, pxl_row) positions, gene symbols."""
     import h5py
     import pandas as pd
     from pathlib import Path
@@ -345,12 +344,23 @@ def read_dlpfc300(shared):
         barcodes = m["barcodes"][:].astype(str)
         genes = m["features"]["name"][:].astype(str)
     pos = pd.read_csv(base / "spatial" / "tissue_positions_list.csv", header=None, index_col=0).loc[barcodes]
-    xy = pos[[5, 4]].to_numpy(np.float64)  # (pxl_col, pxl_row)
+    xy = pos[[5, 4]].to_numpy(np.float64)  # (pxl_col, pxl_row) = (x, y)
     X = X.astype(np.float64)
     gk = np.asarray(X.sum(0)).ravel() >= 3
     X, genes = X[:, gk], genes[gk]
     keep = np.asarray(X.sum(1)).ravel() > 10
     X, xy = X[keep], xy[keep]
+    assert X.shape == (3639, 5000)
+    return X, xy, genes
+
+
+def read_dlpfc300(shared):
+    """DLPFC 151673 as in the protocol (:func:`read_dlpfc151673`), the 300-gene subset
+    (``default_rng(0).choice(5000, 300)``, sorted); size factors over all 5,000 genes (``obs['sf']``)."""
+    import anndata as ad
+    import pandas as pd
+
+    X, xy, genes = read_dlpfc151673(shared)
     sf = np.asarray(X.sum(1)).ravel()
     sub = np.sort(np.random.default_rng(0).choice(X.shape[1], 300, replace=False))
     a = ad.AnnData(sp.csr_matrix(X[:, sub], dtype=np.float32), var=pd.DataFrame(index=genes[sub]))

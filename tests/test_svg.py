@@ -13,7 +13,6 @@ import math
 from pathlib import Path
 
 import anndata as ad
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -44,16 +43,9 @@ def _rel(a, b):
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mob(shared_data):
-    df = pd.read_csv(shared_data / "mob_rep11" / "Rep11_MOB_counts_spots_x_genes.tsv.gz", sep="\t", index_col=0)
-    xy = df[["x", "y"]].to_numpy(np.float64)
-    counts = df.drop(columns=["x", "y"])
-    counts = counts.loc[:, counts.sum(0) >= 3]
-    keep = (counts.sum(1) > 10).to_numpy()
-    counts, xy = counts.loc[keep], xy[keep]
-    adata = ad.AnnData(sp.csr_matrix(counts.to_numpy(np.float32)), obs=pd.DataFrame(index=counts.index),
-                       var=pd.DataFrame(index=counts.columns))
+    adata = sn.read_mob(shared_data)
+    del adata.obs["sf"]  # SpatialDE2's default size factors: the totals (of the counts layer)
     adata.layers["counts"] = adata.X.copy()
-    adata.obsm["spatial"] = xy
     assert adata.shape == (260, 14243)
     return adata
 
@@ -75,25 +67,7 @@ def mob_omnibus(mob, mob_cauchy):
 
 @pytest.fixture(scope="module")
 def dlpfc300(shared_data):
-    base = shared_data / "dlpfc" / "151673"
-    with h5py.File(base / "filtered_feature_bc_matrix_top5000genes.h5", "r") as f:
-        m = f["matrix"]
-        X = sp.csc_matrix((m["data"][:], m["indices"][:], m["indptr"][:]), shape=tuple(m["shape"][:])).T.tocsr()
-        barcodes = m["barcodes"][:].astype(str)
-        genes = m["features"]["name"][:].astype(str)
-    pos = pd.read_csv(base / "spatial" / "tissue_positions_list.csv", header=None, index_col=0).loc[barcodes]
-    xy = pos[[5, 4]].to_numpy(np.float64)  # (pxl_col, pxl_row) = (x, y)
-    X = X.astype(np.float64)
-    gk = np.asarray(X.sum(0)).ravel() >= 3
-    X, genes = X[:, gk], genes[gk]
-    sk_ = np.asarray(X.sum(1)).ravel() > 10
-    X, xy = X[sk_], xy[sk_]
-    assert X.shape == (3639, 5000)
-    sf = np.asarray(X.sum(1)).ravel()  # size factors over all 5,000 genes
-    sub = np.sort(np.random.default_rng(0).choice(5000, 300, replace=False))
-    adata = ad.AnnData(sp.csr_matrix(X[:, sub], dtype=np.float32), var=pd.DataFrame(index=genes[sub]))
-    adata.obsm["spatial"] = xy
-    adata.obs["sf"] = sf
+    adata = sn.read_dlpfc300(shared_data)  # size factors over all 5,000 genes in obs["sf"]
     svg_spatialde(adata, sizefactors="sf", method="exact", progress=False, use_cache=False)
     return adata
 

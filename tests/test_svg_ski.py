@@ -3,7 +3,6 @@ DLPFC 151673 coordinates and counts (see docs/svg.md, "SKI")."""
 from __future__ import annotations
 
 import anndata as ad
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,28 +15,16 @@ from expkit.kernels import spatial_kernels as sk
 from expkit.spatial import svg_spatialde
 from expkit.spatial import svg as svg_mod
 
+import _sde2_null as sn
+
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def dlpfc(shared_data):
-    """DLPFC 151673 (protocol of tests/test_svg.py): 3,639 spots x 5,000 genes, size factors over all genes."""
-    base = shared_data / "dlpfc" / "151673"
-    with h5py.File(base / "filtered_feature_bc_matrix_top5000genes.h5", "r") as f:
-        m = f["matrix"]
-        X = sp.csc_matrix((m["data"][:], m["indices"][:], m["indptr"][:]), shape=tuple(m["shape"][:])).T.tocsr()
-        barcodes = m["barcodes"][:].astype(str)
-        genes = m["features"]["name"][:].astype(str)
-    pos = pd.read_csv(base / "spatial" / "tissue_positions_list.csv", header=None, index_col=0).loc[barcodes]
-    xy = pos[[5, 4]].to_numpy(np.float64)
-    X = X.astype(np.float64)
-    gk = np.asarray(X.sum(0)).ravel() >= 3
-    X, genes = X[:, gk], genes[gk]
-    keep = np.asarray(X.sum(1)).ravel() > 10
-    X, xy = X[keep], xy[keep]
-    assert X.shape == (3639, 5000)
-    return X, xy, genes
+    """DLPFC 151673 (the SpatialDE2 protocol): 3,639 spots x 5,000 genes."""
+    return sn.read_dlpfc151673(shared_data)
 
 
 def test_ski_operator_matches_dense_kernel(dlpfc):
