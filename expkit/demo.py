@@ -2,7 +2,8 @@
 
 Builds an experiment from the DLPFC demo data shipped with expkit (two cropped Visium sections with their
 manual cortical layers), prints it, runs the spatial-domain workflow on every section (QC, normalisation,
-HVGs, PCA, the spatial graph, Moran's I, SpaGCN domains), compares the domains with the manual layers (ARI),
+HVGs, PCA, the spatial graph, Moran's I, SpatialDE2's score test, SpaGCN domains per section and shared by both
+sections, domain markers), compares the domains with the manual layers (ARI),
 writes figures (PNG) and the experiment folder, and re-opens the folder.
 """
 from __future__ import annotations
@@ -53,6 +54,14 @@ def main(argv: list[str] | None = None) -> Path:
     top = m["151673"].uns["moranI"].head(8)
     print(top[["gene", "I", "pval_norm_fdr_bh"]].to_string())
 
+    step("spatially variable genes (SpatialDE2's score test on the raw counts)")
+    m.spatial_svg_spatialde(run_on_samples=True, layer="counts")
+    v = m["151673"].var
+    svg = v.sort_values("spatialde.rank").head(8)
+    print(f"  151673: {int((v['spatialde.padj'] < 0.05).sum())} of {int(v['spatialde.pval'].notna().sum())} genes "
+          f"with padj < 0.05; the top 8:")
+    print(svg[["gene", "spatialde.log10p", "spatialde.padj"]].to_string())
+
     step("SpaGCN spatial domains (7 per section, hexagon refinement, seed 0)")
     m.spatial_detect_domains_spagcn(run_on_samples=True, n_clusters=7, refine_shape="hexagon", seed=0)
     aris = {}
@@ -62,11 +71,27 @@ def main(argv: list[str] | None = None) -> Path:
         aris[sample] = adjusted_rand_score(obs.loc[lab, "layer"], obs.loc[lab, "spagcn.refined"])
         print(f"  {sample}: ARI of refined domains vs manual layers = {aris[sample]:.3f}")
 
+    step("SpaGCN domains shared by both sections (one joint model, seed 0)")
+    m.integrate_domains_spagcn(run_on_samples=True, n_clusters=7, refine_shape="hexagon", seed=0,
+                               result_key="spagcn.joint")
+    joint = {}
+    for sample in m.samples:
+        obs = m[sample].obs
+        lab = obs["layer"].notna()
+        joint[sample] = adjusted_rand_score(obs.loc[lab, "layer"], obs.loc[lab, "spagcn.joint.refined"])
+        print(f"  {sample}: ARI of the joint domains vs manual layers = {joint[sample]:.3f}")
+    markers = m.spatial_markers_spagcn(run_on_samples=["151673"], domain_key="spagcn.joint.refined")["151673"]
+    best = markers.groupby("group").head(1)[["group", "gene", "fold_change", "q"]]
+    print("  the best marker of each joint domain (151673):")
+    print(best.to_string(index=False))
+
     step("figures")
     figs = out / "figures"
     figs.mkdir(exist_ok=True)
     ek.pl.set_category_colors([m[s] for s in m.samples], "layer")
-    for color, name in (("layer", "layers"), ("spagcn.refined", "spagcn_domains"), (top.index[0], "top_moran_gene")):
+    for color, name in (("layer", "layers"), ("spagcn.refined", "spagcn_domains"),
+                        ("spagcn.joint.refined", "spagcn_joint_domains"), (top["gene"].iloc[0], "top_moran_gene"),
+                        (svg["gene"].iloc[0], "top_svg_gene")):
         fig = m.plot_spatial(run_on_samples=True, channels="lowres/r,g,b", layer="lognorm",
                              plot_embeddings={"basis": "spatial", "color": color})
         fig.savefig(figs / f"{name}.png", dpi=110)
@@ -77,7 +102,8 @@ def main(argv: list[str] | None = None) -> Path:
     expm.save()
     expm = ek.load_experiment(out / "expm")
     print(expm)
-    print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s; ARIs {', '.join(f'{k}: {v:.3f}' for k, v in aris.items())}")
+    print(f"\ndemo finished in {time.perf_counter() - t0:.1f} s; ARIs {', '.join(f'{k}: {v:.3f}' for k, v in aris.items())}"
+          f" (joint: {', '.join(f'{k}: {v:.3f}' for k, v in joint.items())})")
     print(f"experiment folder: {out / 'expm'}\nfigures: {figs}")
     return out
 
