@@ -61,68 +61,126 @@ def harmony(z: torch.Tensor, batch: torch.Tensor, n_batches: int, *, theta: torc
             block_size: float = 0.05, generator: torch.Generator | None = None) -> dict:
     """Run Harmony on ``z`` (N x d tensor on its device) with integer batch codes ``batch`` (N,).
 
+    Computes in ``z.dtype``; the objective is accumulated in float64 whatever the dtype.
     Returns ``{"z": corrected N x d, "R": N x K soft memberships, "objective": list (per iteration),
     "n_iter": int, "converged": bool, "kmeans_rounds": list}``.
     """
     dev, dtype = z.device, z.dtype
+    f64 = torch.float64
     n, _ = z.shape
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     k = int(n_clusters) if n_clusters else int(min(round(n / 30.0), 100))
     k = max(1, min(k, n))
+    sigma = float(sigma)
     batch = batch.to(dev).long()
     phi = torch.nn.functional.one_hot(batch, n_batches).to(dtype)  # N x B
-    n_b = phi.sum(0)
-    pr_b = n_b / n
+    pr_b = phi.sum(0) / n
     theta = torch.as_tensor(theta, dtype=dtype, device=dev).expand(n_batches).clone()
-    sigma_k = torch.full((k,), float(sigma), dtype=dtype, device=dev)
+    theta_col = theta[:, None]  # B x 1
 
     zc = _normalize(z)
     y = _normalize(kmeans_cosine(zc, k, generator))
-    inv_sigma = 1.0 / sigma_k[None, :]
 
-    # cell-major layout: r, dist are N x K so that blocks of cells are contiguous rows
-    def dist_to(y_, zc_):
-        two = torch.full((), 2.0, dtype=dtype, device=dev)
-        return torch.addmm(two, zc_, y_.T, beta=1.0, alpha=-2.0)  # 2 (1 - zc . y), N x K
+    # Memberships are kept cell-major (N x K) and O transposed (B x K); E_bk = Pr_b sum_b' O_b'k because
+    # the rows of O^T sum to sum_i R_ki, so E is never stored.
+    r = torch.softmax((zc @ y.T - 1.0) * (2.0 / sigma), dim=1)
+    ot = phi.T @ r
 
-    dist = dist_to(y, zc)
-    r = torch.softmax(-dist * inv_sigma, dim=1)
-    e = r.sum(0)[:, None] * pr_b[None]  # K x B
-    o = r.T @ phi  # K x B
+    def cross_term(ot_: torch.Tensor) -> torch.Tensor:  # sigma sum_kb theta_b O_kb log((O_kb + 1) / (E_kb + 1))
+        ot_ = ot_.to(f64)
+        e_ = ot_.sum(0, keepdim=True) * pr_b.to(f64)[:, None]
+        return sigma * (theta_col.to(f64) * ot_ * torch.log((ot_ + 1.0) / (e_ + 1.0))).sum()
 
-    def objective() -> float:
-        kmeans_err = (r * dist).sum()
-        ent = torch.xlogy(r, r).sum(0) @ sigma_k
-        cross = (sigma_k[:, None] * theta[None] * o * torch.log((o + 1.0) / (e + 1.0))).sum()
-        return float(kmeans_err + ent + cross)
-
-    objective_h = [objective()]
+    dist0 = 2.0 - 2.0 * (zc @ y.T)
+    objective_h = [float((r * dist0).sum(dtype=f64) + sigma * torch.xlogy(r, r).sum(dtype=f64) + cross_term(ot))]
+    del dist0
     kmeans_rounds: list[int] = []
+
+    # Blocks of a round: a random permutation cut into n_blocks pieces, each piece in ascending cell order.
+    # During a round every N-row tensor is held in that block order, so a block is a contiguous slice of
+    # preallocated buffers (views made once) and O changes by one small matmul per block: no gather, scatter
+    # or allocation of N-row tensors per block. ``pos`` is the current row order (row j holds cell pos[j]).
     n_blocks = int(math.ceil(1.0 / block_size))
+    sizes = [len(c) for c in torch.tensor_split(torch.arange(n), n_blocks)]
+    bounds = [0]
+    for sz in sizes:
+        bounds.append(bounds[-1] + sz)
+    spans = [(bounds[j], bounds[j + 1]) for j in range(n_blocks)]
+    block_id = torch.repeat_interleave(torch.arange(n_blocks), torch.tensor(sizes))
+    arange_n = torch.arange(n)
+    rank_of = torch.empty(n, dtype=torch.long)  # rank_of[cell] = its row in the current order
+    pos = arange_n
+    r_bufs = [r, torch.empty_like(r)]  # R alternates between two buffers (one gather per round)
+    r_views = [[buf[a:b] for a, b in spans] for buf in r_bufs]
+    ex = torch.empty((n, k), dtype=dtype, device=dev)
+    ex_views = [ex[a:b] for a, b in spans]
+    xmax = torch.empty((n, 1), dtype=dtype, device=dev)
+    s_all = torch.empty((n, 1), dtype=dtype, device=dev)  # the row normalisers of the round
+    s_views = [s_all[a:b] for a, b in spans]
+    zc_p = torch.empty((n, zc.shape[1]), dtype=dtype, device=dev)
+    phi_p = torch.empty((n, n_batches), dtype=dtype, device=dev)  # one-hot batch, block order
+    phi_views = [phi_p[a:b] for a, b in spans]
+    # [Phi^T; 1] in block order: one matmul updates O^T and its column sums (sum_i R_ki) together
+    phit_aug = torch.ones((n_batches + 1, n), dtype=dtype, device=dev)
+    phit_views = [phit_aug[:, a:b] for a, b in spans]
+    # [O^T + 1; sum_i R_ki]: the +1 of (E + 1) / (O + 1) is stored, E = Pr_b sum_i R_ki
+    o_aug = torch.cat([ot + 1.0, ot.sum(0, keepdim=True)])
+    o1, csum = o_aug[:n_batches], o_aug[n_batches:]
+    ratio_buf = torch.empty((n_blocks, n_batches, k), dtype=dtype, device=dev)  # (E + 1) / (O + 1) per block
+    ratio_views = list(ratio_buf)
+    ob_buf = torch.empty((n_blocks, n_batches + 1, k), dtype=dtype, device=dev)  # a block's new part of O
+    ob_views = list(ob_buf)
+    one = torch.ones((), dtype=dtype, device=dev)
+    pr_col = pr_b[:, None]
+    same_theta = bool((theta == theta[0]).all())
+    theta_exp = float(theta[0]) if same_theta else theta_col
+    ri = 0
     z_corr = z.clone()
     converged = False
     it = 0
     for it in range(1, max_iter + 1):
         # 1. clustering with diversity penalty
-        obj_k = []
+        obj_k: list[float] = []
         rounds = 0
         for i in range(max_iter_kmeans):
-            y = _normalize(r.T @ zc)
-            dist = dist_to(y, zc)
             order = torch.randperm(n, generator=generator)
-            for block in torch.tensor_split(order, n_blocks):
-                block = torch.sort(block).values.to(dev)
-                rb, pb = r[block], phi[block]
-                o -= rb.T @ pb
-                e -= rb.sum(0)[:, None] * pr_b[None]
-                penalty = (theta[None] * torch.log((e + 1.0) / (o + 1.0)))  # K x B
-                logits = -dist[block] * inv_sigma + pb @ penalty.T
-                rb = torch.softmax(logits, dim=1)
-                r[block] = rb
-                o += rb.T @ pb
-                e += rb.sum(0)[:, None] * pr_b[None]
-            obj_k.append(objective())
+            order = order[torch.argsort(block_id * n + order)]  # ascending cells within each block
+            rank_of[pos] = arange_n
+            torch.index_select(r_bufs[ri], 0, rank_of[order].to(dev), out=r_bufs[1 - ri])  # R in block order
+            ri = 1 - ri
+            r, rv = r_bufs[ri], r_views[ri]
+            pos = order
+            order_d = order.to(dev)
+            torch.index_select(zc, 0, order_d, out=zc_p)
+            torch.index_select(phi, 0, order_d, out=phi_p)
+            phit_aug[:n_batches].copy_(phi_p.T)
+            # Y_k ∝ sum_i R_ki Zc_i, scaled by 2 / sigma so that ex holds the logits 2 (Zc_i . Y_k) / sigma
+            # (up to -2 / sigma), then exp(logit - max_k logit): the kernel part of R, once per round
+            y = _normalize(r.T @ zc_p).mul_(2.0 / sigma)
+            torch.mm(zc_p, y.T, out=ex)
+            torch.amax(ex, 1, keepdim=True, out=xmax)
+            ex.sub_(xmax).exp_()
+            for bi in range(n_blocks):
+                rb, pbt, ob = rv[bi], phit_views[bi], ob_views[bi]
+                o_aug.addmm_(pbt, rb, alpha=-1.0)  # O, sum_i R_ki without this block
+                ratio = torch.addmm(one, pr_col, csum, out=ratio_views[bi]).div_(o1)  # (E + 1) / (O + 1)
+                u = torch.mm(phi_views[bi], ratio.pow(theta_exp)).mul_(ex_views[bi])
+                sb = s_views[bi]
+                torch.sum(u, 1, keepdim=True, out=sb)
+                torch.div(u, sb, out=rb)  # the block's new R, in place
+                torch.mm(pbt, rb, out=ob)
+                o_aug.add_(ob)
+            # The objective without another pass over R: log R_ki = logit_ki - max_k logit_ki + pen_ki - log s_i
+            # (pen_ki = theta_b log((E_kb + 1) / (O_kb + 1)) with the O, E its block saw), so the k-means
+            # error cancels against the logit part of the entropy and
+            # sum_ki R_ki ||Zc_i - Y_k||^2 + sigma sum_ki R_ki log R_ki
+            #   = sigma sum_i (sum_k R_ki pen_ki - (2 / sigma) (max_k Zc_i . Y_k - 1) - log s_i).
+            pen_part = (theta_col.to(f64) * torch.log(ratio_buf.to(f64)) * ob_buf[:, :n_batches].to(f64)).sum()
+            max_part = xmax.sum(dtype=f64) - (2.0 / sigma) * n
+            ot = o1 - 1.0
+            obj = sigma * (pen_part - max_part - torch.log(s_all).sum(dtype=f64)) + cross_term(ot)
+            obj_k.append(float(obj))
             rounds += 1
             if i > 3:  # sums over a window of 3 iterations, shifted by one
                 old, new = sum(obj_k[-4:-1]), sum(obj_k[-3:])
@@ -130,23 +188,29 @@ def harmony(z: torch.Tensor, batch: torch.Tensor, n_batches: int, *, theta: torc
                     break
         objective_h.append(obj_k[-1])
         kmeans_rounds.append(rounds)
+        rank_of[pos] = arange_n
+        torch.index_select(r_bufs[ri], 0, rank_of.to(dev), out=r_bufs[1 - ri])  # back to cell order
+        ri = 1 - ri
+        r = r_bufs[ri]
+        pos = arange_n
         # 2. mixture-of-experts ridge correction, all clusters at once
+        o = ot.T
         b1 = n_batches + 1
-        a = torch.zeros((k, b1, b1), dtype=dtype, device=dev)
-        a[:, 0, 0] = r.sum(0)
-        a[:, 0, 1:] = o
-        a[:, 1:, 0] = o
-        a[:, 1:, 1:] = torch.diag_embed(o + lamb)
+        lhs = torch.zeros((k, b1, b1), dtype=dtype, device=dev)
+        lhs[:, 0, 0] = r.sum(0)
+        lhs[:, 0, 1:] = o
+        lhs[:, 1:, 0] = o
+        lhs[:, 1:, 1:] = torch.diag_embed(o + lamb)
         rhs = torch.empty((k, b1, z.shape[1]), dtype=dtype, device=dev)
         rhs[:, 0] = r.T @ z
-        for b in range(n_batches):  # loop over batches (few): cells of batch b
-            rhs[:, 1 + b] = (r * phi[:, b:b + 1]).T @ z
-        w = torch.linalg.solve(a, rhs)
+        for bb in range(n_batches):  # loop over batches (few): cells of batch bb
+            rhs[:, 1 + bb] = (r * phi[:, bb:bb + 1]).T @ z
+        w = torch.linalg.solve(lhs, rhs)
         w[:, 0] = 0.0
         # z_corr_i = z_i - sum_k r_ik w_k[1 + b_i]
         z_corr = z.clone()
-        for b in range(n_batches):
-            z_corr -= (r * phi[:, b:b + 1]) @ w[:, 1 + b]
+        for bb in range(n_batches):
+            z_corr -= (r * phi[:, bb:bb + 1]) @ w[:, 1 + bb]
         zc = _normalize(z_corr)
         if len(objective_h) > 1:
             prev, cur = objective_h[-2], objective_h[-1]
