@@ -45,8 +45,8 @@ def kmeans_cosine(zc: torch.Tensor, k: int, generator: torch.Generator, n_iter: 
         d2 = torch.minimum(d2, ((zc - zc[nxt]) ** 2).sum(1))
     y = torch.stack(centers)
     for _ in range(n_iter):
-        dist = (zc * zc).sum(1, keepdim=True) - 2.0 * zc @ y.T + (y * y).sum(1)[None]
-        lab = dist.argmin(1)
+        # argmin_k ||zc_i - y_k||^2 = argmax_k (zc_i . y_k - ||y_k||^2 / 2): one addmm, no n x k temporaries
+        lab = torch.addmm((y * y).sum(1)[None], zc, y.T, beta=-0.5).argmax(1)
         sums = torch.zeros_like(y).index_add_(0, lab, zc)
         cnt = torch.bincount(lab, minlength=k).to(zc.dtype)
         empty = cnt == 0
@@ -97,7 +97,7 @@ def harmony(z: torch.Tensor, batch: torch.Tensor, n_batches: int, *, theta: torc
     del dist0
     kmeans_rounds: list[int] = []
 
-    # Blocks of a round: a random permutation cut into n_blocks pieces, each piece in ascending cell order.
+    # Blocks of a round: a random permutation cut into n_blocks consecutive pieces.
     # During a round every N-row tensor is held in that block order, so a block is a contiguous slice of
     # preallocated buffers (views made once) and O changes by one small matmul per block: no gather, scatter
     # or allocation of N-row tensors per block. ``pos`` is the current row order (row j holds cell pos[j]).
@@ -107,7 +107,6 @@ def harmony(z: torch.Tensor, batch: torch.Tensor, n_batches: int, *, theta: torc
     for sz in sizes:
         bounds.append(bounds[-1] + sz)
     spans = [(bounds[j], bounds[j + 1]) for j in range(n_blocks)]
-    block_id = torch.repeat_interleave(torch.arange(n_blocks), torch.tensor(sizes))
     arange_n = torch.arange(n)
     rank_of = torch.empty(n, dtype=torch.long)  # rank_of[cell] = its row in the current order
     pos = arange_n
@@ -115,10 +114,21 @@ def harmony(z: torch.Tensor, batch: torch.Tensor, n_batches: int, *, theta: torc
     r_views = [[buf[a:b] for a, b in spans] for buf in r_bufs]
     ex = torch.empty((n, k), dtype=dtype, device=dev)
     ex_views = [ex[a:b] for a, b in spans]
-    xmax = torch.empty((n, 1), dtype=dtype, device=dev)
+    # logit_ki = -||Zc_i - Y_k||^2 / sigma lies in [-4 / sigma, 0] and the penalty factor
+    # ((E + 1) / (O + 1))^theta in [(N + 1)^-theta, (N + 1)^theta]: when their product cannot leave the normal
+    # range of the dtype, exp(logit) is used as it is, else exp(logit - max_k logit) (one more pass per round)
+    log_tiny = -math.log(torch.finfo(dtype).tiny)
+    span = 4.0 / sigma + float(theta.abs().max()) * math.log(n + 1.0)
+    row_shift = span > log_tiny - 8.0
+    xmax = torch.zeros((n, 1), dtype=dtype, device=dev)  # the row shift (0 unless row_shift)
     s_all = torch.empty((n, 1), dtype=dtype, device=dev)  # the row normalisers of the round
     s_views = [s_all[a:b] for a, b in spans]
-    zc_p = torch.empty((n, zc.shape[1]), dtype=dtype, device=dev)
+    d = zc.shape[1]
+    # [Zc, 1] so that one matmul with [2 Y^T / sigma; -2 / sigma] gives the logits
+    zc_aug = torch.ones((n, d + 1), dtype=dtype, device=dev)
+    zc_aug[:, :d] = zc
+    zc_p = torch.empty((n, d + 1), dtype=dtype, device=dev)
+    y_aug = torch.full((d + 1, k), -2.0 / sigma, dtype=dtype, device=dev)
     phi_p = torch.empty((n, n_batches), dtype=dtype, device=dev)  # one-hot batch, block order
     phi_views = [phi_p[a:b] for a, b in spans]
     # [Phi^T; 1] in block order: one matmul updates O^T and its column sums (sum_i R_ki) together
@@ -145,30 +155,34 @@ def harmony(z: torch.Tensor, batch: torch.Tensor, n_batches: int, *, theta: torc
         rounds = 0
         for i in range(max_iter_kmeans):
             order = torch.randperm(n, generator=generator)
-            order = order[torch.argsort(block_id * n + order)]  # ascending cells within each block
             rank_of[pos] = arange_n
             torch.index_select(r_bufs[ri], 0, rank_of[order].to(dev), out=r_bufs[1 - ri])  # R in block order
             ri = 1 - ri
             r, rv = r_bufs[ri], r_views[ri]
             pos = order
             order_d = order.to(dev)
-            torch.index_select(zc, 0, order_d, out=zc_p)
+            torch.index_select(zc_aug, 0, order_d, out=zc_p)
             torch.index_select(phi, 0, order_d, out=phi_p)
             phit_aug[:n_batches].copy_(phi_p.T)
-            # Y_k ∝ sum_i R_ki Zc_i, scaled by 2 / sigma so that ex holds the logits 2 (Zc_i . Y_k) / sigma
-            # (up to -2 / sigma), then exp(logit - max_k logit): the kernel part of R, once per round
-            y = _normalize(r.T @ zc_p).mul_(2.0 / sigma)
-            torch.mm(zc_p, y.T, out=ex)
-            torch.amax(ex, 1, keepdim=True, out=xmax)
-            ex.sub_(xmax).exp_()
+            # Y_k ∝ sum_i R_ki Zc_i (held as d x K); ex = exp(logit - shift), logit = 2 (Zc_i . Y_k - 1) / sigma,
+            # the kernel part of R, once per round. shift = 0 where no row can underflow (see above), else
+            # the row maximum.
+            yt = zc_p[:, :d].T @ r
+            torch.div(yt, yt.norm(dim=0, keepdim=True).clamp_min(1e-12), out=y_aug[:d]).mul_(2.0 / sigma)
+            torch.mm(zc_p, y_aug, out=ex)
+            if row_shift:
+                torch.amax(ex, 1, keepdim=True, out=xmax)
+                ex.sub_(xmax)
+            ex.exp_()
             for bi in range(n_blocks):
                 rb, pbt, ob = rv[bi], phit_views[bi], ob_views[bi]
                 o_aug.addmm_(pbt, rb, alpha=-1.0)  # O, sum_i R_ki without this block
                 ratio = torch.addmm(one, pr_col, csum, out=ratio_views[bi]).div_(o1)  # (E + 1) / (O + 1)
-                u = torch.mm(phi_views[bi], ratio.pow(theta_exp)).mul_(ex_views[bi])
-                sb = s_views[bi]
-                torch.sum(u, 1, keepdim=True, out=sb)
-                torch.div(u, sb, out=rb)  # the block's new R, in place
+                f = ratio.pow(theta_exp)  # B x K penalty factors
+                # R_ki = ex_ki f_(b_i)k / s_i with s_i = sum_k ex_ki f_(b_i)k = (ex f^T)_(i, b_i)
+                pb, exb, sb = phi_views[bi], ex_views[bi], s_views[bi]
+                torch.sum(torch.mm(exb, f.T).mul_(pb), 1, keepdim=True, out=sb)
+                torch.mm(pb / sb, f, out=rb).mul_(exb)  # the block's new R, in place
                 torch.mm(pbt, rb, out=ob)
                 o_aug.add_(ob)
             # The objective without another pass over R: log R_ki = logit_ki - max_k logit_ki + pen_ki - log s_i
@@ -177,7 +191,7 @@ def harmony(z: torch.Tensor, batch: torch.Tensor, n_batches: int, *, theta: torc
             # sum_ki R_ki ||Zc_i - Y_k||^2 + sigma sum_ki R_ki log R_ki
             #   = sigma sum_i (sum_k R_ki pen_ki - (2 / sigma) (max_k Zc_i . Y_k - 1) - log s_i).
             pen_part = (theta_col.to(f64) * torch.log(ratio_buf.to(f64)) * ob_buf[:, :n_batches].to(f64)).sum()
-            max_part = xmax.sum(dtype=f64) - (2.0 / sigma) * n
+            max_part = xmax.sum(dtype=f64) if row_shift else 0.0
             ot = o1 - 1.0
             obj = sigma * (pen_part - max_part - torch.log(s_all).sum(dtype=f64)) + cross_term(ot)
             obj_k.append(float(obj))
@@ -203,15 +217,15 @@ def harmony(z: torch.Tensor, batch: torch.Tensor, n_batches: int, *, theta: torc
         lhs[:, 1:, 1:] = torch.diag_embed(o + lamb)
         rhs = torch.empty((k, b1, z.shape[1]), dtype=dtype, device=dev)
         rhs[:, 0] = r.T @ z
-        for bb in range(n_batches):  # loop over batches (few): cells of batch bb
-            rhs[:, 1 + bb] = (r * phi[:, bb:bb + 1]).T @ z
+        for bb in range(n_batches):  # loop over batches (few), N x d temporaries: R^T (Z on the cells of bb)
+            rhs[:, 1 + bb] = r.T @ (z * phi[:, bb:bb + 1])
         w = torch.linalg.solve(lhs, rhs)
-        w[:, 0] = 0.0
-        # z_corr_i = z_i - sum_k r_ik w_k[1 + b_i]
+        # z_corr_i = z_i - sum_k r_ik w_k[1 + b_i] (the intercept row is kept)
         z_corr = z.clone()
         for bb in range(n_batches):
-            z_corr -= (r * phi[:, bb:bb + 1]) @ w[:, 1 + bb]
+            z_corr -= (r @ w[:, 1 + bb]).mul_(phi[:, bb:bb + 1])
         zc = _normalize(z_corr)
+        zc_aug[:, :d] = zc
         if len(objective_h) > 1:
             prev, cur = objective_h[-2], objective_h[-1]
             if abs(prev - cur) / max(abs(prev), 1e-300) < eps_harmony:
