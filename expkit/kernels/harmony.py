@@ -44,9 +44,12 @@ def kmeans_cosine(zc: torch.Tensor, k: int, generator: torch.Generator, n_iter: 
         centers.append(zc[nxt])
         d2 = torch.minimum(d2, ((zc - zc[nxt]) ** 2).sum(1))
     y = torch.stack(centers)
+    # argmin_k ||zc_i - y_k||^2 = argmax_k (zc_i . y_k - ||y_k||^2 / 2): one matmul of [zc, 1] with
+    # [y, -||y||^2 / 2]^T
+    zc1 = torch.cat([zc, torch.ones_like(zc[:, :1])], dim=1)
     for _ in range(n_iter):
-        # argmin_k ||zc_i - y_k||^2 = argmax_k (zc_i . y_k - ||y_k||^2 / 2): one addmm, no n x k temporaries
-        lab = torch.addmm((y * y).sum(1)[None], zc, y.T, beta=-0.5).argmax(1)
+        y1 = torch.cat([y, -0.5 * (y * y).sum(1, keepdim=True)], dim=1)
+        lab = torch.max(zc1 @ y1.T, 1).indices
         sums = torch.zeros_like(y).index_add_(0, lab, zc)
         cnt = torch.bincount(lab, minlength=k).to(zc.dtype)
         empty = cnt == 0
@@ -121,6 +124,7 @@ def harmony(z: torch.Tensor, batch: torch.Tensor, n_batches: int, *, theta: torc
     span = 4.0 / sigma + float(theta.abs().max()) * math.log(n + 1.0)
     row_shift = span > log_tiny - 8.0
     xmax = torch.zeros((n, 1), dtype=dtype, device=dev)  # the row shift (0 unless row_shift)
+    xmax_views = [xmax[a:b] for a, b in spans]
     s_all = torch.empty((n, 1), dtype=dtype, device=dev)  # the row normalisers of the round
     s_views = [s_all[a:b] for a, b in spans]
     d = zc.shape[1]
@@ -128,6 +132,7 @@ def harmony(z: torch.Tensor, batch: torch.Tensor, n_batches: int, *, theta: torc
     zc_aug = torch.ones((n, d + 1), dtype=dtype, device=dev)
     zc_aug[:, :d] = zc
     zc_p = torch.empty((n, d + 1), dtype=dtype, device=dev)
+    zc_views = [zc_p[a:b] for a, b in spans]
     y_aug = torch.full((d + 1, k), -2.0 / sigma, dtype=dtype, device=dev)
     phi_p = torch.empty((n, n_batches), dtype=dtype, device=dev)  # one-hot batch, block order
     phi_views = [phi_p[a:b] for a, b in spans]
@@ -169,18 +174,19 @@ def harmony(z: torch.Tensor, batch: torch.Tensor, n_batches: int, *, theta: torc
             # the row maximum.
             yt = zc_p[:, :d].T @ r
             torch.div(yt, yt.norm(dim=0, keepdim=True).clamp_min(1e-12), out=y_aug[:d]).mul_(2.0 / sigma)
-            torch.mm(zc_p, y_aug, out=ex)
-            if row_shift:
-                torch.amax(ex, 1, keepdim=True, out=xmax)
-                ex.sub_(xmax)
-            ex.exp_()
             for bi in range(n_blocks):
-                rb, pbt, ob = rv[bi], phit_views[bi], ob_views[bi]
+                rb, pbt, ob, exb = rv[bi], phit_views[bi], ob_views[bi], ex_views[bi]
+                torch.mm(zc_views[bi], y_aug, out=exb)  # per block, so that the block's data stay in cache
+                if row_shift:
+                    xb = xmax_views[bi]
+                    torch.amax(exb, 1, keepdim=True, out=xb)
+                    exb.sub_(xb)
+                exb.exp_()
                 o_aug.addmm_(pbt, rb, alpha=-1.0)  # O, sum_i R_ki without this block
                 ratio = torch.addmm(one, pr_col, csum, out=ratio_views[bi]).div_(o1)  # (E + 1) / (O + 1)
                 f = ratio.pow(theta_exp)  # B x K penalty factors
                 # R_ki = ex_ki f_(b_i)k / s_i with s_i = sum_k ex_ki f_(b_i)k = (ex f^T)_(i, b_i)
-                pb, exb, sb = phi_views[bi], ex_views[bi], s_views[bi]
+                pb, sb = phi_views[bi], s_views[bi]
                 torch.sum(torch.mm(exb, f.T).mul_(pb), 1, keepdim=True, out=sb)
                 torch.mm(pb / sb, f, out=rb).mul_(exb)  # the block's new R, in place
                 torch.mm(pbt, rb, out=ob)
