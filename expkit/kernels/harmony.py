@@ -100,29 +100,33 @@ def harmony(z: torch.Tensor, batch: torch.Tensor, n_batches: int, *, theta: torc
     del dist0
     kmeans_rounds: list[int] = []
 
-    # Blocks of a round: a random permutation cut into n_blocks consecutive pieces.
-    # During a round every N-row tensor is held in that block order, so a block is a contiguous slice of
-    # preallocated buffers (views made once) and O changes by one small matmul per block: no gather, scatter
-    # or allocation of N-row tensors per block. ``pos`` is the current row order (row j holds cell pos[j]).
+    # Blocks of a round: a random permutation cut into n_blocks consecutive pieces. R is written in that
+    # block order, so a block is a contiguous slice of a preallocated buffer (views made once); ``pos`` is the
+    # row order of the R of the previous round (row j holds cell pos[j]). What a block removes from O (its
+    # cells' previous R) is summed for all blocks at once at the start of the round (one index_add over R),
+    # so R is never gathered within a round and nothing of N rows is allocated per block.
     n_blocks = int(math.ceil(1.0 / block_size))
     sizes = [len(c) for c in torch.tensor_split(torch.arange(n), n_blocks)]
     bounds = [0]
     for sz in sizes:
         bounds.append(bounds[-1] + sz)
     spans = [(bounds[j], bounds[j + 1]) for j in range(n_blocks)]
+    block_id = torch.repeat_interleave(torch.arange(n_blocks), torch.tensor(sizes)).to(dev)
     arange_n = torch.arange(n)
-    rank_of = torch.empty(n, dtype=torch.long)  # rank_of[cell] = its row in the current order
+    rank_of = torch.empty(n, dtype=torch.long)  # rank_of[cell] = its row in order pos
+    key_of = torch.empty(n, dtype=torch.long, device=dev)  # key_of[cell] = its (block, batch) in this round
     pos = arange_n
-    r_bufs = [r, torch.empty_like(r)]  # R alternates between two buffers (one gather per round)
+    r_bufs = [r, torch.empty_like(r)]  # R of the previous round / of this round
     r_views = [[buf[a:b] for a, b in spans] for buf in r_bufs]
-    ex = torch.empty((n, k), dtype=dtype, device=dev)
-    ex_views = [ex[a:b] for a, b in spans]
+    ri = 0
     # logit_ki = -||Zc_i - Y_k||^2 / sigma lies in [-4 / sigma, 0] and the penalty factor
     # ((E + 1) / (O + 1))^theta in [(N + 1)^-theta, (N + 1)^theta]: when their product cannot leave the normal
     # range of the dtype, exp(logit) is used as it is, else exp(logit - max_k logit) (one more pass per round)
     log_tiny = -math.log(torch.finfo(dtype).tiny)
     span = 4.0 / sigma + float(theta.abs().max()) * math.log(n + 1.0)
     row_shift = span > log_tiny - 8.0
+    ex_blk = torch.empty((max(sizes), k), dtype=dtype, device=dev)  # exp(logits) of one block
+    ex_views = [ex_blk[:b - a] for a, b in spans]
     xmax = torch.zeros((n, 1), dtype=dtype, device=dev)  # the row shift (0 unless row_shift)
     xmax_views = [xmax[a:b] for a, b in spans]
     s_all = torch.empty((n, 1), dtype=dtype, device=dev)  # the row normalisers of the round
@@ -131,14 +135,16 @@ def harmony(z: torch.Tensor, batch: torch.Tensor, n_batches: int, *, theta: torc
     # [Zc, 1] so that one matmul with [2 Y^T / sigma; -2 / sigma] gives the logits
     zc_aug = torch.ones((n, d + 1), dtype=dtype, device=dev)
     zc_aug[:, :d] = zc
-    zc_p = torch.empty((n, d + 1), dtype=dtype, device=dev)
-    zc_views = [zc_p[a:b] for a, b in spans]
+    zc_bufs = [torch.empty((n, d + 1), dtype=dtype, device=dev) for _ in range(2)]
+    zc_views = [[buf[a:b] for a, b in spans] for buf in zc_bufs]
+    zi = 0
+    zc_old = zc_aug  # Zc in order pos
     y_aug = torch.full((d + 1, k), -2.0 / sigma, dtype=dtype, device=dev)
-    phi_p = torch.empty((n, n_batches), dtype=dtype, device=dev)  # one-hot batch, block order
-    phi_views = [phi_p[a:b] for a, b in spans]
-    # [Phi^T; 1] in block order: one matmul updates O^T and its column sums (sum_i R_ki) together
-    phit_aug = torch.ones((n_batches + 1, n), dtype=dtype, device=dev)
+    # [Phi^T; 1] in block order: one matmul gives a block's part of O^T and of its column sums (sum_i R_ki)
+    phit_cells = torch.cat([phi.T, torch.ones((1, n), dtype=dtype, device=dev)])
+    phit_aug = torch.empty_like(phit_cells)
     phit_views = [phit_aug[:, a:b] for a, b in spans]
+    phi_views = [v[:n_batches].T for v in phit_views]  # nb x B
     # [O^T + 1; sum_i R_ki]: the +1 of (E + 1) / (O + 1) is stored, E = Pr_b sum_i R_ki
     o_aug = torch.cat([ot + 1.0, ot.sum(0, keepdim=True)])
     o1, csum = o_aug[:n_batches], o_aug[n_batches:]
@@ -146,11 +152,12 @@ def harmony(z: torch.Tensor, batch: torch.Tensor, n_batches: int, *, theta: torc
     ratio_views = list(ratio_buf)
     ob_buf = torch.empty((n_blocks, n_batches + 1, k), dtype=dtype, device=dev)  # a block's new part of O
     ob_views = list(ob_buf)
+    old_buf = torch.empty((n_blocks, n_batches + 1, k), dtype=dtype, device=dev)  # its previous part
+    old_views = list(old_buf)
     one = torch.ones((), dtype=dtype, device=dev)
     pr_col = pr_b[:, None]
     same_theta = bool((theta == theta[0]).all())
     theta_exp = float(theta[0]) if same_theta else theta_col
-    ri = 0
     z_corr = z.clone()
     converged = False
     it = 0
@@ -159,36 +166,41 @@ def harmony(z: torch.Tensor, batch: torch.Tensor, n_batches: int, *, theta: torc
         obj_k: list[float] = []
         rounds = 0
         for i in range(max_iter_kmeans):
-            order = torch.randperm(n, generator=generator)
-            rank_of[pos] = arange_n
-            torch.index_select(r_bufs[ri], 0, rank_of[order].to(dev), out=r_bufs[1 - ri])  # R in block order
-            ri = 1 - ri
-            r, rv = r_bufs[ri], r_views[ri]
-            pos = order
-            order_d = order.to(dev)
-            torch.index_select(zc_aug, 0, order_d, out=zc_p)
-            torch.index_select(phi, 0, order_d, out=phi_p)
-            phit_aug[:n_batches].copy_(phi_p.T)
-            # Y_k ∝ sum_i R_ki Zc_i (held as d x K); ex = exp(logit - shift), logit = 2 (Zc_i . Y_k - 1) / sigma,
-            # the kernel part of R, once per round. shift = 0 where no row can underflow (see above), else
-            # the row maximum.
-            yt = zc_p[:, :d].T @ r
+            r_old = r_bufs[ri]
+            # Y_k ∝ sum_i R_ki Zc_i (held as d x K) from the previous R
+            yt = zc_old[:, :d].T @ r_old
             torch.div(yt, yt.norm(dim=0, keepdim=True).clamp_min(1e-12), out=y_aug[:d]).mul_(2.0 / sigma)
+            order = torch.randperm(n, generator=generator)
+            order_d = order.to(dev)
+            # each block's previous part of O: sum of the previous R of its cells, per batch
+            key_of[order_d] = block_id * (n_batches + 1) + batch[order_d]
+            old_buf.zero_()
+            old_buf.view(-1, k).index_add_(0, key_of[pos.to(dev)], r_old)
+            torch.sum(old_buf[:, :n_batches], 1, out=old_buf[:, n_batches])
+            ri = 1 - ri
+            rv = r_views[ri]
+            zi = 1 - zi
+            zc_old = torch.index_select(zc_aug, 0, order_d, out=zc_bufs[zi])
+            zv = zc_views[zi]
+            torch.index_select(phit_cells, 1, order_d, out=phit_aug)
+            pos = order
             for bi in range(n_blocks):
                 rb, pbt, ob, exb = rv[bi], phit_views[bi], ob_views[bi], ex_views[bi]
-                torch.mm(zc_views[bi], y_aug, out=exb)  # per block, so that the block's data stay in cache
+                # ex = exp(logit - shift), logit = 2 (Zc_i . Y_k - 1) / sigma; shift = 0 where no row can
+                # underflow (see above), else the row maximum
+                torch.mm(zv[bi], y_aug, out=exb)
                 if row_shift:
                     xb = xmax_views[bi]
                     torch.amax(exb, 1, keepdim=True, out=xb)
                     exb.sub_(xb)
                 exb.exp_()
-                o_aug.addmm_(pbt, rb, alpha=-1.0)  # O, sum_i R_ki without this block
+                o_aug.sub_(old_views[bi])  # O, sum_i R_ki without this block
                 ratio = torch.addmm(one, pr_col, csum, out=ratio_views[bi]).div_(o1)  # (E + 1) / (O + 1)
                 f = ratio.pow(theta_exp)  # B x K penalty factors
                 # R_ki = ex_ki f_(b_i)k / s_i with s_i = sum_k ex_ki f_(b_i)k = (ex f^T)_(i, b_i)
                 pb, sb = phi_views[bi], s_views[bi]
                 torch.sum(torch.mm(exb, f.T).mul_(pb), 1, keepdim=True, out=sb)
-                torch.mm(pb / sb, f, out=rb).mul_(exb)  # the block's new R, in place
+                torch.mm(pb / sb, f, out=rb).mul_(exb)  # the block's new R
                 torch.mm(pbt, rb, out=ob)
                 o_aug.add_(ob)
             # The objective without another pass over R: log R_ki = logit_ki - max_k logit_ki + pen_ki - log s_i
@@ -213,6 +225,7 @@ def harmony(z: torch.Tensor, batch: torch.Tensor, n_batches: int, *, theta: torc
         ri = 1 - ri
         r = r_bufs[ri]
         pos = arange_n
+        zc_old = zc_aug
         # 2. mixture-of-experts ridge correction, all clusters at once
         o = ot.T
         b1 = n_batches + 1
