@@ -144,7 +144,8 @@ def harmony(z: torch.Tensor, batch: torch.Tensor, n_batches: int, *, theta: torc
     phit_cells = torch.cat([phi.T, torch.ones((1, n), dtype=dtype, device=dev)])
     phit_aug = torch.empty_like(phit_cells)
     phit_views = [phit_aug[:, a:b] for a, b in spans]
-    phi_views = [v[:n_batches].T for v in phit_views]  # nb x B
+    batch_p = torch.empty_like(batch)  # batch codes in block order
+    bv = [batch_p[a:b] for a, b in spans]
     # [O^T + 1; sum_i R_ki]: the +1 of (E + 1) / (O + 1) is stored, E = Pr_b sum_i R_ki
     o_aug = torch.cat([ot + 1.0, ot.sum(0, keepdim=True)])
     o1, csum = o_aug[:n_batches], o_aug[n_batches:]
@@ -183,6 +184,7 @@ def harmony(z: torch.Tensor, batch: torch.Tensor, n_batches: int, *, theta: torc
             zc_old = torch.index_select(zc_aug, 0, order_d, out=zc_bufs[zi])
             zv = zc_views[zi]
             torch.index_select(phit_cells, 1, order_d, out=phit_aug)
+            torch.index_select(batch, 0, order_d, out=batch_p)
             pos = order
             for bi in range(n_blocks):
                 rb, pbt, ob, exb = rv[bi], phit_views[bi], ob_views[bi], ex_views[bi]
@@ -197,10 +199,11 @@ def harmony(z: torch.Tensor, batch: torch.Tensor, n_batches: int, *, theta: torc
                 o_aug.sub_(old_views[bi])  # O, sum_i R_ki without this block
                 ratio = torch.addmm(one, pr_col, csum, out=ratio_views[bi]).div_(o1)  # (E + 1) / (O + 1)
                 f = ratio.pow(theta_exp)  # B x K penalty factors
-                # R_ki = ex_ki f_(b_i)k / s_i with s_i = sum_k ex_ki f_(b_i)k = (ex f^T)_(i, b_i)
-                pb, sb = phi_views[bi], s_views[bi]
-                torch.sum(torch.mm(exb, f.T).mul_(pb), 1, keepdim=True, out=sb)
-                torch.mm(pb / sb, f, out=rb).mul_(exb)  # the block's new R
+                # R_ki = ex_ki f_(b_i)k / s_i with s_i = sum_k ex_ki f_(b_i)k, written in place
+                sb = s_views[bi]
+                torch.index_select(f, 0, bv[bi], out=rb).mul_(exb)
+                torch.sum(rb, 1, keepdim=True, out=sb)
+                rb.mul_(torch.reciprocal(sb))
                 torch.mm(pbt, rb, out=ob)
                 o_aug.add_(ob)
             # The objective without another pass over R: log R_ki = logit_ki - max_k logit_ki + pen_ki - log s_i
