@@ -46,10 +46,11 @@ def kmeans_cosine(zc: torch.Tensor, k: int, generator: torch.Generator, n_iter: 
     y = torch.stack(centers)
     # argmin_k ||zc_i - y_k||^2 = argmax_k (zc_i . y_k - ||y_k||^2 / 2): one matmul of [zc, 1] with
     # [y, -||y||^2 / 2]^T
-    zc1 = torch.cat([zc, torch.ones_like(zc[:, :1])], dim=1)
+    # [y, -||y||^2 / 2] [zc, 1]^T (k x n: the faster layout of this product)
+    zc1t = torch.cat([zc, torch.ones_like(zc[:, :1])], dim=1).T
     for _ in range(n_iter):
         y1 = torch.cat([y, -0.5 * (y * y).sum(1, keepdim=True)], dim=1)
-        lab = torch.max(zc1 @ y1.T, 1).indices
+        lab = torch.max(y1 @ zc1t, 0).indices
         sums = torch.zeros_like(y).index_add_(0, lab, zc)
         cnt = torch.bincount(lab, minlength=k).to(zc.dtype)
         empty = cnt == 0
