@@ -220,11 +220,11 @@ def harmony(z: torch.Tensor, batch: torch.Tensor, n_batches: int, *, theta: torc
                 rb.mul_(torch.reciprocal(sb))
                 torch.mm(pbt, rb, out=ob)
                 o_aug.add_(ob)
-            # The objective without another pass over R: log R_ki = logit_ki - max_k logit_ki + pen_ki - log s_i
-            # (pen_ki = theta_b log((E_kb + 1) / (O_kb + 1)) with the O, E its block saw), so the k-means
-            # error cancels against the logit part of the entropy and
+            # The objective without another pass over R: log R_ki = logit_ki - shift_i + pen_ki - log s_i
+            # (pen_ki = theta_b log((E_kb + 1) / (O_kb + 1)) with the O, E its block saw, logit_ki =
+            # -||Zc_i - Y_k||^2 / sigma), so the k-means error cancels against the logit part of the entropy:
             # sum_ki R_ki ||Zc_i - Y_k||^2 + sigma sum_ki R_ki log R_ki
-            #   = sigma sum_i (sum_k R_ki pen_ki - (2 / sigma) (max_k Zc_i . Y_k - 1) - log s_i).
+            #   = sigma sum_i (sum_k R_ki pen_ki - shift_i - log s_i).
             pen_part = (theta_col.to(f64) * torch.log(ratio_buf.to(f64)) * ob_buf[:, :n_batches].to(f64)).sum()
             max_part = xmax.sum(dtype=f64) if row_shift else 0.0
             ot = o1 - 1.0
