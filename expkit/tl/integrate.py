@@ -43,10 +43,11 @@ def integrate(adata, *, batch_key: str = "batch", method: str = "harmony", use_r
     max_iter, max_iter_kmeans : outer Harmony iterations and clustering rounds per iteration.
     n_comps : use only the first ``n_comps`` columns of the representation.
     seed : seed of the k-means++ initialisation and of the block order (None: ``settings.seed``).
-    dtype : ``"float64"`` (default) or ``"float32"``: the precision of the computation. float32 is ~1.5x
-        faster on the CPU with the same agreement with harmonypy on DLPFC (per-dim r 0.9992 both, see
-        benchmarks/results/markers.md), but differs from float64 by up to ~1e-3 (relative 3e-5), and so do
-        CPU and GPU runs; float64 runs agree across devices to rounding.
+    dtype : ``"float64"`` (default) or ``"float32"``, the precision of the computation. On the CPU float32 is
+        ~1.5x faster and agrees with harmonypy as well on DLPFC (per-dim r 0.9992 for both, see
+        benchmarks/results/markers.md). Its output differs from float64 by up to ~1.5e-3 (values up to ~30),
+        so float32 runs on the CPU and on a GPU cannot be expected to agree more closely than that (not
+        measured). float64 runs agree across devices to rounding.
 
     Returns ``{"n_iter", "converged", "n_clusters", "n_batches"}``.
     """
