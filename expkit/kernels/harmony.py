@@ -51,11 +51,12 @@ def kmeans_cosine(zc: torch.Tensor, k: int, generator: torch.Generator, n_iter: 
     first = int(torch.randint(n, (1,), generator=generator))
     centers = [zc[first]]
     d2 = ((zc - zc[first]) ** 2).sum(1)
+    diff = torch.empty_like(zc)
     for _ in range(1, k):  # k-means++ (loop over clusters, each step vectorised over cells)
         probs = (d2 / d2.sum().clamp_min(1e-300)).cpu()
         nxt = int(torch.multinomial(probs, 1, generator=generator))
         centers.append(zc[nxt])
-        d2 = torch.minimum(d2, ((zc - zc[nxt]) ** 2).sum(1))
+        torch.minimum(d2, torch.sub(zc, zc[nxt], out=diff).square_().sum(1), out=d2)
     y = torch.stack(centers)
     # argmin_k ||zc_i - y_k||^2 = argmax_k (zc_i . y_k - ||y_k||^2 / 2): one matmul of [zc, 1] with
     # [y, -||y||^2 / 2]^T
