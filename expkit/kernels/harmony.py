@@ -62,9 +62,12 @@ def kmeans_cosine(zc: torch.Tensor, k: int, generator: torch.Generator, n_iter: 
     # [y, -||y||^2 / 2]^T
     # [y, -||y||^2 / 2] [zc, 1]^T (k x n: the faster layout of this product)
     zc1t = torch.cat([zc, torch.ones_like(zc[:, :1])], dim=1).T
+    prod = torch.empty((k, n), dtype=zc.dtype, device=dev)
+    best = torch.empty(n, dtype=zc.dtype, device=dev)
+    lab = torch.empty(n, dtype=torch.long, device=dev)
     for _ in range(n_iter):
         y1 = torch.cat([y, -0.5 * (y * y).sum(1, keepdim=True)], dim=1)
-        lab = torch.max(y1 @ zc1t, 0).indices
+        torch.max(torch.mm(y1, zc1t, out=prod), 0, out=(best, lab))
         sums = torch.zeros_like(y).index_add_(0, lab, zc)
         cnt = torch.bincount(lab, minlength=k).to(zc.dtype)
         empty = cnt == 0
