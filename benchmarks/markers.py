@@ -93,7 +93,7 @@ def _run(case: str, tool: str, method: str, shared: str, threads: int, q) -> Non
             import pandas as pd
 
             emb, batch = data
-            if tool == "expkit":
+            if tool.startswith("expkit"):
                 import anndata as ad
 
                 from expkit.tl import integrate
@@ -101,7 +101,7 @@ def _run(case: str, tool: str, method: str, shared: str, threads: int, q) -> Non
                 a = ad.AnnData(np.zeros((len(batch), 1), dtype=np.float32), obs=pd.DataFrame({"batch": batch}))
                 a.obsm["pca"] = emb
                 t0 = time.perf_counter()
-                integrate(a, seed=0)
+                integrate(a, seed=0, dtype="float32" if tool == "expkit-f32" else "float64")
             else:
                 import harmonypy
 
@@ -138,8 +138,9 @@ def main() -> None:
     for case in args.cases.split(","):
         methods = ["harmony"] if case == "dlpfc_pair" else ["wilcoxon", "t-test"]
         for method in methods:
-            for tool in tools + [others["harmony" if method == "harmony" else "markers"]]:
-                if tool != "expkit" and importlib.util.find_spec(tool) is None:
+            extra = ["expkit-f32"] if method == "harmony" else []
+            for tool in tools + extra + [others["harmony" if method == "harmony" else "markers"]]:
+                if not tool.startswith("expkit") and importlib.util.find_spec(tool) is None:
                     continue
                 plan.append((case, tool, method))
     ctx = mp.get_context("spawn")
