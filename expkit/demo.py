@@ -64,22 +64,22 @@ def main(argv: list[str] | None = None) -> Path:
 
     step("SpaGCN spatial domains (7 per section, hexagon refinement, seed 0)")
     m.spatial_detect_domains_spagcn(run_on_samples=True, n_clusters=7, refine_shape="hexagon", seed=0)
-    aris = {}
-    for sample in m.samples:
-        obs = m[sample].obs
-        lab = obs["layer"].notna()
-        aris[sample] = adjusted_rand_score(obs.loc[lab, "layer"], obs.loc[lab, "spagcn.refined"])
-        print(f"  {sample}: ARI of refined domains vs manual layers = {aris[sample]:.3f}")
+    def ari(key: str, what: str) -> dict[str, float]:
+        """ARI of obs[key] against the manual layers (labelled spots), per section."""
+        out = {}
+        for sample in m.samples:
+            obs = m[sample].obs
+            lab = obs["layer"].notna()
+            out[sample] = adjusted_rand_score(obs.loc[lab, "layer"], obs.loc[lab, key])
+            print(f"  {sample}: ARI of {what} vs manual layers = {out[sample]:.3f}")
+        return out
+
+    aris = ari("spagcn.refined", "refined domains")
 
     step("SpaGCN domains shared by both sections (one joint model, seed 0)")
     m.integrate_domains_spagcn(run_on_samples=True, n_clusters=7, refine_shape="hexagon", seed=0,
                                result_key="spagcn.joint")
-    joint = {}
-    for sample in m.samples:
-        obs = m[sample].obs
-        lab = obs["layer"].notna()
-        joint[sample] = adjusted_rand_score(obs.loc[lab, "layer"], obs.loc[lab, "spagcn.joint.refined"])
-        print(f"  {sample}: ARI of the joint domains vs manual layers = {joint[sample]:.3f}")
+    joint = ari("spagcn.joint.refined", "the joint domains")
     markers = m.spatial_markers_spagcn(run_on_samples=["151673"], domain_key="spagcn.joint.refined")["151673"]
     best = markers.groupby("group").head(1)[["group", "gene", "fold_change", "q"]]
     print("  the best marker of each joint domain (151673):")
