@@ -14,6 +14,7 @@ import torch
 from .. import __version__
 from .._logging import logger, progress as _progress
 from ..errors import InputError, KeyNotFoundError, ResourceError
+from ..kernels import pvalues as pv
 from ..kernels import score_test as st
 from ..kernels import ski
 from ..kernels import spatial_kernels as sk
@@ -517,14 +518,14 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
         dist_cache = None
 
     # ---- p-values (log space throughout)
-    logp_k, kappa, nu = st.satterthwaite_logp(U, E, Iinfo)
+    logp_k, kappa, nu = pv.satterthwaite_logp(U, E, Iinfo)
     if omnibus or n_k == 1:
         logp = logp_k[:, 0]
     else:
-        logp = st.cauchy_combine_logp(logp_k)
+        logp = pv.cauchy_combine_logp(logp_k)
     logp_full = np.full(n_vars, np.nan)
     logp_full[tested] = logp
-    logpadj = st.bh_adjust_log(logp_full)
+    logpadj = pv.bh_adjust_log(logp_full)
     ln10 = math.log(10.0)
     pval = np.exp(logp_full)
     padj = np.exp(logpadj)
