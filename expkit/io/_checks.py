@@ -62,6 +62,20 @@ def require_dir(path: str | Path, sample: str | None, what: str) -> Path:
     return path
 
 
+def read_parquet(path: Path, sample: str | None, what: str, *, alternative: str = ""):
+    """A parquet table as a DataFrame; a clear error when pyarrow is missing (``alternative``: what works
+    without it) or the file is malformed."""
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(path)
+    except ImportError as exc:
+        raise fail(sample, path, f"reading {Path(path).name} needs pyarrow (pip install expkit[parquet])"
+                                 f"{alternative}") from exc
+    except Exception as exc:  # pyarrow's own error types
+        raise fail(sample, path, f"malformed {what}: {exc}") from exc
+
+
 def is_gzip(path: Path) -> bool:
     """Whether the file starts with the gzip magic bytes (whatever its name says)."""
     with open(path, "rb") as fh:

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 
 from .._logging import logger
-from ._checks import check_finite, check_subset, examples, fail, first_line, open_text, require_dir
+from ._checks import (check_finite, check_subset, examples, fail, first_line, open_text, read_parquet,
+                      require_dir)
 from .tenx import read_10x_h5, read_10x_mtx
 
 __all__ = ["read_visium", "read_image"]
@@ -56,13 +57,7 @@ def read_positions(spatial: Path, sample: str) -> tuple[pd.DataFrame, Path]:
                    "tissue positions file not found (looked for tissue_positions.csv, "
                    "tissue_positions_list.csv and tissue_positions.parquet)")
     if path.suffix == ".parquet":
-        try:
-            df = pd.read_parquet(path)
-        except ImportError as exc:
-            raise fail(sample, path, "reading tissue_positions.parquet needs pyarrow "
-                                     "(pip install expkit[parquet])") from exc
-        except Exception as exc:  # pyarrow's own error types
-            raise fail(sample, path, f"malformed tissue positions file: {exc}") from exc
+        df = read_parquet(path, sample, "tissue positions file")
         return _clean_positions(df, path, sample, has_header=True), path
     head = first_line(path, sample)
     has_header = head.split(",")[0].strip().strip('"') == "barcode"

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import ReaderError
-from ._checks import check_finite, check_subset, check_unique, fail, open_text, require_file
+from ._checks import check_finite, check_subset, check_unique, fail, open_text, read_parquet, require_file
 from .tenx import read_10x_h5, read_10x_mtx
 
 __all__ = ["read_xenium"]
@@ -27,11 +27,7 @@ def _find_cells(folder: Path) -> Path | None:
 def _read_cells(path: Path, sample) -> pd.DataFrame:
     try:
         if path.suffix == ".parquet":
-            try:
-                df = pd.read_parquet(path)
-            except ImportError as exc:
-                raise fail(sample, path, "reading cells.parquet needs pyarrow (pip install "
-                                         "expkit[parquet]); cells.csv.gz works without it") from exc
+            df = read_parquet(path, sample, "cells table", alternative="; cells.csv.gz works without it")
         else:
             with open_text(path, sample) as fh:
                 df = pd.read_csv(fh, engine="c", dtype={"cell_id": str})
