@@ -58,8 +58,7 @@ def kmeans_cosine(zc: torch.Tensor, k: int, generator: torch.Generator, n_iter: 
         centers.append(zc[nxt])
         torch.minimum(d2, torch.sub(zc, zc[nxt], out=diff).square_().sum(1), out=d2)
     y = torch.stack(centers)
-    # argmin_k ||zc_i - y_k||^2 = argmax_k (zc_i . y_k - ||y_k||^2 / 2): one matmul of [zc, 1] with
-    # [y, -||y||^2 / 2]^T
+    # argmin_k ||zc_i - y_k||^2 = argmax_k (zc_i . y_k - ||y_k||^2 / 2): one matmul
     # [y, -||y||^2 / 2] [zc, 1]^T (k x n: the faster layout of this product)
     zc1t = torch.cat([zc, torch.ones_like(zc[:, :1])], dim=1).T
     prod = torch.empty((k, n), dtype=zc.dtype, device=dev)
@@ -73,7 +72,7 @@ def kmeans_cosine(zc: torch.Tensor, k: int, generator: torch.Generator, n_iter: 
         empty = cnt == 0
         new = sums / cnt.clamp_min(1.0)[:, None]
         y = torch.where(empty[:, None], y, new)
-    return y.to(dev)
+    return y
 
 
 def harmony(z: torch.Tensor, batch: torch.Tensor, n_batches: int, *, theta: torch.Tensor | float = 2.0,
