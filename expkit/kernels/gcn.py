@@ -19,6 +19,7 @@ from scipy.spatial import cKDTree
 
 from .._logging import logger
 from ..errors import InputError, ResourceError
+from .optim import Adam as _Adam
 
 # weights below exp(-TRUNC^2 / 2) (1e-6 of the self weight) are dropped
 TRUNC = math.sqrt(2.0 * math.log(1e6))
@@ -295,31 +296,6 @@ def init_gcn(n_in: int, n_out: int, *, generator: torch.Generator, device, dtype
 
 def embed(ax: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ax @ w + b
-
-
-class _Adam:
-    """Adam (Kingma and Ba 2015; betas 0.9, 0.999, eps 1e-8, no weight decay), written out: torch.optim's
-    first step imports torch._dynamo, seconds on a small CPU."""
-
-    def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.params, self.lr, self.b1, self.b2, self.eps = list(params), lr, betas[0], betas[1], eps
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
-        self.t = 0
-
-    def zero_grad(self):
-        for p in self.params:
-            p.grad = None
-
-    @torch.no_grad()
-    def step(self):
-        self.t += 1
-        c1, c2 = 1 - self.b1 ** self.t, 1 - self.b2 ** self.t
-        for p, m, v in zip(self.params, self.m, self.v):
-            g = p.grad
-            m.mul_(self.b1).add_(g, alpha=1 - self.b1)
-            v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
-            p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-self.lr / c1)
 
 
 def train_dec(ax: torch.Tensor, w: torch.Tensor, b: torch.Tensor, init_labels: np.ndarray, *,
