@@ -65,9 +65,16 @@ def run(modality: "Modality", func: Callable, run_on_samples=True, *, kind: str 
         data = {_label(s): a for s, a in zip(targets, adatas)}
         if accepts_store:
             kwargs["image_store"] = {_label(s): modality.image_store(s) for s in targets}
+        # a joint method that also writes to the integrated data gets it when it exists
+        integrated = None
+        if (kind == "joint" and None not in targets and "integrated" not in kwargs
+                and "integrated" in inspect.signature(func).parameters):
+            integrated = modality._integrated_or_none()
+            if integrated is not None:
+                kwargs["integrated"] = integrated
         result = func(data, **kwargs)
         if kind == "joint":
-            for s in targets:
+            for s in targets + ([None] if integrated is not None else []):
                 modality._mark_changed(s)
         return result
 

@@ -36,6 +36,11 @@ METHODS: dict[str, tuple[str, tuple[str, ...] | None, str]] = {
     "integrate_domains_spagcn": ("expkit.spatial.domains:integrate_domains_spagcn", SPATIAL, "joint"),
     "spatial_markers_spagcn": ("expkit.spatial.domain_markers:spatial_markers_spagcn", SPATIAL, "sample"),
     "spatial_metagene": ("expkit.spatial.domain_markers:spatial_metagene", SPATIAL, "sample"),
+    # spatial domains (DeepST)
+    "spatial_detect_domains_deepst": ("expkit.spatial.deepst:spatial_detect_domains_deepst", SPATIAL, "sample"),
+    "integrate_domains_deepst": ("expkit.spatial.deepst:integrate_domains_deepst", SPATIAL, "joint"),
+    # image features per spot
+    "image_features": ("expkit.spatial.image_features:image_features", SPATIAL, "sample"),
     # images and plots
     "get_image": ("expkit.io.images:get_image", SPATIAL, "read"),
     "plot_spatial": ("expkit.pl.spatial:plot_spatial", SPATIAL, "joint-read"),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterator
 
-from ..errors import InputError, SampleNotFoundError
+from ..errors import FormatError, InputError, SampleNotFoundError
 from . import dispatch
 from .summary import as_html, format_adata, format_keys, merge_keys, size_text
 
@@ -81,6 +81,13 @@ class Modality:
     def integrated(self) -> "AnnData":
         """This modality's AnnData inside the integrated MuData (build it with ``expm.merge()``)."""
         return self._expm._load_many(self.name, [None])[0]
+
+    def _integrated_or_none(self):
+        """The integrated AnnData of this modality, or None when the experiment has none (yet)."""
+        try:
+            return self.integrated
+        except FormatError:
+            return None
 
     def image_store(self, sample: str | None):
         """The sample's image store (None when it has no images)."""

@@ -1,11 +1,13 @@
-"""Spatial analysis: neighbour graphs, spatial autocorrelation, spatially variable genes, spatial domains."""
+"""Spatial analysis: neighbour graphs, spatial autocorrelation, spatially variable genes, spatial domains (SpaGCN, DeepST)."""
 from __future__ import annotations
 
 from .autocorr import spatial_autocorr
+from .deepst import integrate_domains_deepst, spatial_detect_domains_deepst
 from .domain_markers import spatial_markers_spagcn, spatial_metagene
 from .domains import integrate_domains_spagcn, spatial_detect_domains_spagcn
 from .graph import spatial_components, spatial_neighbors
 from .svg import svg_spatialde
 
 __all__ = ["spatial_neighbors", "spatial_components", "spatial_autocorr", "svg_spatialde",
-           "spatial_detect_domains_spagcn", "integrate_domains_spagcn", "spatial_markers_spagcn", "spatial_metagene"]
+           "spatial_detect_domains_spagcn", "integrate_domains_spagcn", "spatial_markers_spagcn", "spatial_metagene",
+           "spatial_detect_domains_deepst", "integrate_domains_deepst"]
