@@ -1,8 +1,13 @@
-"""SpaGCN spatial domains: wall time, peak memory and ARI of expkit.spatial.spatial_detect_domains_spagcn,
+"""Spatial domains (SpaGCN, DeepST): wall time, peak memory and ARI of expkit.spatial's domain methods,
 with SpaGCN 1.2.7's figures (../shared/reference/README.md, same CPU class) beside them.
 
     EXPKIT_SHARED_DATA=/work/shared/data OMP_NUM_THREADS=1 python benchmarks/domains.py [--seeds 0 1 2 3 4]
         [--sections 151673 151674] [--no-xenium] [--no-integrate] [--threads 1] [--gpu] [--out FILE]
+        [--method spagcn|deepst]
+
+DeepST (``--method deepst``): per section without and with the image features (200 + 200 epochs, 7 domains,
+hexagon refinement, raw counts), the joint model of both sections per seed, and the Xenium brain
+(36,602 cells, 12 domains, no refinement) for time and memory; the same time / peak / ARI columns.
 
 Each case runs in a fresh process (after a small warm-up run, so imports and first-call costs are not
 counted); time = the whole method (lengthscale search, PCA, graph convolution, initial clustering with
@@ -117,10 +122,100 @@ def _case(kind: str, arg, seed: int, threads: int, gpu: bool, q):
     q.put(out)
 
 
+def _deepst_case(kind: str, arg, seed: int, threads: int, gpu: bool, q):
+    import torch
+
+    torch.set_num_threads(threads)
+    import numpy as np
+    import pandas as pd
+    from sklearn.metrics import adjusted_rand_score
+
+    from expkit import settings
+    from expkit.io import read_visium, read_xenium
+    from expkit.spatial import integrate_domains_deepst, spatial_detect_domains_deepst
+
+    settings.verbosity, settings.progress = "warning", False
+    shared = _shared()
+
+    def read(sid):
+        ad = read_visium(shared / "dlpfc" / sid, sample=sid)
+        t = pd.read_csv(shared / "dlpfc" / sid / f"{sid}_truth.txt", sep="\t", header=None, index_col=0)[1]
+        return ad, t.reindex(ad.obs["barcode"].to_numpy()).to_numpy()
+
+    def ari(truth, lab):
+        ok = pd.notna(truth)
+        return float(adjusted_rand_score(truth[ok], np.asarray(lab)[ok]))
+
+    out = {"kind": kind, "case": arg, "seed": seed}
+    if kind == "xenium":
+        ad = read_xenium(shared / "xenium_mouse_brain", sample="xenium")
+        kw = dict(n_domains=12, refine_shape=None, use_gpu=gpu)
+    elif kind == "integrate":
+        data = {s: read(s) for s in arg}
+        kw = dict(n_domains=7, use_gpu=gpu)
+    else:
+        ad, truth = read(arg)
+        kw = dict(n_domains=7, use_image=kind == "image", image_key="lowres", use_gpu=gpu)
+    warm = (ad if kind != "integrate" else data[arg[0]][0])[:300].copy()
+    spatial_detect_domains_deepst(warm, n_domains=3, pre_epochs=5, epochs=5, refine_shape=None, use_gpu=gpu)
+    _reset_hwm()
+    base = _status("VmRSS")
+    t0, c0 = time.perf_counter(), time.process_time()
+    if kind == "integrate":
+        integrate_domains_deepst({s: d[0] for s, d in data.items()}, seed=seed, **kw)
+        out.update(ari_refined={s: ari(d[1], d[0].obs["deepst.integrated.refined"]) for s, d in data.items()},
+                   ari_raw={s: ari(d[1], d[0].obs["deepst.integrated"]) for s, d in data.items()})
+    else:
+        res = spatial_detect_domains_deepst(ad, seed=seed, **kw)
+        out.update(steps=res["steps"], res=res["res"], n_cells=ad.n_obs)
+        if kind != "xenium":
+            out.update(ari_raw=ari(truth, ad.obs["deepst.domain"]), ari_refined=ari(truth, ad.obs["deepst.refined"]))
+    out.update(time=time.perf_counter() - t0, cpu=time.process_time() - c0, peak_mb=_status("VmHWM") - base)
+    q.put(out)
+
+
+def _deepst_main(a) -> list:
+    import numpy as np
+
+    rows = []
+    print(f"{'DeepST case':<26}{'seed':>5}{'time s':>9}{'cpu s':>8}{'peak MiB':>10}{'ARI raw':>9}{'ARI ref':>9}")
+    for kind in ("section", "image"):
+        for sid in a.sections:
+            got = []
+            for seed in a.seeds:
+                r = run_case("deepst", kind, sid, seed, a.threads, a.gpu)
+                rows.append(r)
+                got.append(r["ari_refined"])
+                print(f"{sid + (' + image' if kind == 'image' else ''):<26}{seed:>5}{r['time']:>9.2f}{r['cpu']:>8.2f}"
+                      f"{r['peak_mb']:>10.1f}{r['ari_raw']:>9.3f}{r['ari_refined']:>9.3f}   steps {r['steps']}",
+                      flush=True)
+            print(f"{sid}{' + image' if kind == 'image' else ''}: median refined ARI over seeds {a.seeds}: "
+                  f"{np.median(got):.3f}", flush=True)
+    if not a.no_integrate:
+        got = {s: [] for s in a.sections}
+        for seed in a.seeds:
+            r = run_case("deepst", "integrate", list(a.sections), seed, a.threads, a.gpu)
+            rows.append(r)
+            for s in a.sections:
+                got[s].append(r["ari_refined"][s])
+            print(f"{'joint ' + '+'.join(a.sections):<26}{seed:>5}{r['time']:>9.2f}{r['cpu']:>8.2f}{r['peak_mb']:>10.1f}"
+                  f"   refined {json.dumps({k: round(v, 3) for k, v in r['ari_refined'].items()})}", flush=True)
+        print("joint: median refined ARI " + ", ".join(f"{s} {np.median(v):.3f}" for s, v in got.items()), flush=True)
+    if not a.no_xenium:
+        r = run_case("deepst", "xenium", "xenium_mouse_brain", 0, a.threads, a.gpu)
+        rows.append(r)
+        print(f"xenium_mouse_brain ({r['n_cells']} cells, 12 domains, no refinement): {r['time']:.2f} s "
+              f"(cpu {r['cpu']:.2f} s), peak {r['peak_mb']:.1f} MiB, steps {r['steps']}", flush=True)
+    return rows
+
+
 def run_case(*args) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_case, args=(*args, q))
+    target = _case
+    if args[0] == "deepst":
+        target, args = _deepst_case, args[1:]
+    p = ctx.Process(target=target, args=(*args, q))
     p.start()
     out = q.get()
     p.join()
@@ -136,7 +231,13 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--method", choices=("spagcn", "deepst"), default="spagcn")
     a = ap.parse_args()
+    if a.method == "deepst":
+        rows = _deepst_main(a)
+        if a.out:
+            Path(a.out).write_text(json.dumps(rows, indent=1))
+        return
     rows = []
     print(f"{'case':<22}{'seed':>5}{'time s':>9}{'cpu s':>7}{'peak MiB':>10}{'l':>8}{'res':>7}{'ep':>5}"
           f"{'ARI raw':>9}{'ARI ref':>9}   SpaGCN 1.2.7 (raw / refined / s)")

@@ -25,6 +25,8 @@ same draws and a seed gives the same result.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -107,7 +109,9 @@ def _coo(m: sp.spmatrix, device) -> torch.Tensor:
     idx = torch.as_tensor(np.vstack([m.row, m.col]), dtype=torch.int64)
     t = torch.sparse_coo_tensor(idx, torch.as_tensor(m.data, dtype=torch.float32), m.shape,
                                 check_invariants=False).coalesce()
-    return t.to_sparse_csr().to(device)  # CSR products (and their backward) are the faster ones
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": products and their backward are used
+        warnings.simplefilter("ignore", UserWarning)
+        return t.to_sparse_csr().to(device)  # CSR products are the faster ones
 
 
 def _with_self(a: sp.spmatrix) -> sp.csr_matrix:

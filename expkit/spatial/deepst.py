@@ -104,14 +104,14 @@ def _memory_check(n, n_features, n_edges, device, name, max_memory):
 
 
 def _prepare(adata, *, layer, use_image, image_key, image_store, sample, spatial_k, n_neighbours,
-             adjacent_weight, graph_k, seed, device, use_gpu):
+             adjacent_weight, graph_k, seed, device, use_gpu, image_spot_scale=(1.0, 2.0, 4.0)):
     """Augmented counts, the augmentation weights and the spatial graph of one sample."""
     xy = dd.coords(adata)
     counts = dd.counts_matrix(adata, layer)
     morph = None
     if use_image:
         morph = dd.morphology(adata, image_key=image_key, image_store=image_store, sample=sample, seed=seed,
-                              use_gpu=use_gpu)
+                              spot_scale=image_spot_scale, use_gpu=use_gpu)
     pcs = dd.lognorm_pcs(counts, 50, seed=seed, device=device)
     w = dd.augment_weights(xy, pcs, morph, spatial_k=spatial_k, n_neighbours=n_neighbours)
     return dd.augment_counts(counts, w, adjacent_weight), w, dd.spatial_knn_graph(xy, graph_k)
@@ -134,7 +134,8 @@ _TRAIN_KEYS = ("lr", "weight_decay", "corrupt", "mse_weight", "bce_kld_weight", 
 
 def spatial_detect_domains_deepst(adata, *, n_domains: int = 7, layer: str | None = "counts",
                                   use_image: bool = False, image_key: str = "lowres", image_store=None,
-                                  sample: str | None = None, pre_epochs: int = 200, epochs: int = 200,
+                                  image_spot_scale=(1.0, 2.0, 4.0), sample: str | None = None,
+                                  pre_epochs: int = 200, epochs: int = 200,
                                   n_comps: int = 200, spatial_k: int = 30, n_neighbours: int = 3,
                                   adjacent_weight: float = 0.3, graph_k: int = 12, target_sum: float | None = None,
                                   refine_shape: str | None = "hexagon", seed: int | None = None,
@@ -142,8 +143,9 @@ def spatial_detect_domains_deepst(adata, *, n_domains: int = 7, layer: str | Non
                                   key_added: str = "deepst", **train) -> dict:
     """DeepST spatial domains of one sample (see the module docstring for the steps).
 
-    ``layer``: raw counts (``"counts"``; None: X). ``use_image``: weight the augmentation by morphological
-    similarity from image ``image_key`` (an error names the sample and its images when it is absent).
+    ``layer``: raw counts (``"counts"``, X when there is no such layer; None: X). ``use_image``: weight the augmentation by morphological
+    similarity from image ``image_key`` (an error names the sample and its images when it is absent), with
+    image features of crops ``image_spot_scale`` x the spot diameter.
     ``train``: the loss weights and optimiser settings of :func:`expkit.kernels.deepst.train_deepst`
     (``lr``, ``weight_decay``, ``corrupt``, ``mse_weight``, ``bce_kld_weight``, ``kl_weight``, ``n_sample``, ``update_interval``, ``dec_alpha``).
     ``max_memory``: GiB allowed (default 80 % of what the device has free); a run estimated above it raises
@@ -166,7 +168,7 @@ def spatial_detect_domains_deepst(adata, *, n_domains: int = 7, layer: str | Non
     aug, w, graph = _prepare(adata, layer=layer, use_image=use_image, image_key=image_key,
                              image_store=image_store, sample=sample, spatial_k=spatial_k,
                              n_neighbours=n_neighbours, adjacent_weight=adjacent_weight, graph_k=graph_k,
-                             seed=seed, device=device, use_gpu=use_gpu)
+                             seed=seed, device=device, use_gpu=use_gpu, image_spot_scale=image_spot_scale)
     t_prep = time.perf_counter()
     x = dd.model_features(aug, n_comps, target_sum=target_sum, seed=seed, device=device)
     out = dk.train_deepst(x, graph, pre_epochs=pre_epochs, epochs=epochs, init_clusters=_dec_init(seed, device),
@@ -186,6 +188,7 @@ def spatial_detect_domains_deepst(adata, *, n_domains: int = 7, layer: str | Non
                "n_dec_clusters": int(out.get("n_dec_clusters", 0)), "time": t_end - t0,
                "steps": {s: round(v, 4) for s, v in steps.items()}}
     params = dict(n_domains=int(n_domains), layer=layer, use_image=bool(use_image), image_key=image_key,
+                  image_spot_scale=[float(v) for v in np.atleast_1d(image_spot_scale)],
                   pre_epochs=pre_epochs, epochs=epochs, n_comps=n_comps, spatial_k=spatial_k,
                   n_neighbours=n_neighbours, adjacent_weight=adjacent_weight, graph_k=graph_k,
                   target_sum=target_sum, refine_shape=refine_shape, seed=seed, use_gpu=bool(use_gpu), **train)
@@ -195,7 +198,7 @@ def spatial_detect_domains_deepst(adata, *, n_domains: int = 7, layer: str | Non
 
 
 def _joint_inputs(adatas, names, *, layer, use_image, image_key, image_store, spatial_k, n_neighbours,
-                  adjacent_weight, graph_k, seed, device, use_gpu):
+                  adjacent_weight, graph_k, seed, device, use_gpu, image_spot_scale):
     """Per sample: augmentation (own partners, own image) and graph; stacked on the shared genes."""
     genes = _shared_genes([adatas[s] for s in names])
     if not genes:
@@ -207,7 +210,7 @@ def _joint_inputs(adatas, names, *, layer, use_image, image_key, image_store, sp
         aug, w, g = _prepare(ad, layer=layer, use_image=use_image, image_key=image_key, image_store=store,
                              sample=None if s == "integrated" else s, spatial_k=spatial_k,
                              n_neighbours=n_neighbours, adjacent_weight=adjacent_weight, graph_k=graph_k,
-                             seed=seed, device=device, use_gpu=use_gpu)
+                             seed=seed, device=device, use_gpu=use_gpu, image_spot_scale=image_spot_scale)
         mats.append(aug[:, ad.var_names.get_indexer(genes)])
         graphs.append(g)
         weights[s] = w
@@ -228,7 +231,8 @@ def _write_integrated(integrated, names, adatas, result_key):
 
 def integrate_domains_deepst(adatas: Mapping[str, object], *, n_domains: int = 7, layer: str | None = "counts",
                              result_key: str = "deepst.integrated", use_image: bool = False,
-                             image_key: str = "lowres", image_store=None, integrated=None,
+                             image_key: str = "lowres", image_store=None, image_spot_scale=(1.0, 2.0, 4.0),
+                             integrated=None,
                              pre_epochs: int = 200, epochs: int = 200, n_comps: int = 200, spatial_k: int = 30,
                              n_neighbours: int = 3, adjacent_weight: float = 0.3, graph_k: int = 12,
                              target_sum: float | None = None, refine_shape: str | None = "hexagon",
@@ -259,7 +263,7 @@ def integrate_domains_deepst(adatas: Mapping[str, object], *, n_domains: int = 7
     aug, graph, weights = _joint_inputs(adatas, names, layer=layer, use_image=use_image, image_key=image_key,
                                         image_store=image_store, spatial_k=spatial_k, n_neighbours=n_neighbours,
                                         adjacent_weight=adjacent_weight, graph_k=graph_k, seed=seed,
-                                        device=device, use_gpu=use_gpu)
+                                        device=device, use_gpu=use_gpu, image_spot_scale=image_spot_scale)
     x = dd.model_features(aug, n_comps, target_sum=target_sum, seed=seed, device=device)
     batches = np.repeat(np.arange(len(names)), [adatas[s].n_obs for s in names]) if adversarial else None
     out = dk.train_deepst(x, graph, pre_epochs=pre_epochs, epochs=epochs, init_clusters=_dec_init(seed, device),
@@ -269,6 +273,7 @@ def integrate_domains_deepst(adatas: Mapping[str, object], *, n_domains: int = 7
     params = dict(n_domains=int(n_domains), layer=layer, use_image=bool(use_image), image_key=image_key,
                   pre_epochs=pre_epochs, epochs=epochs, n_comps=n_comps, spatial_k=spatial_k,
                   n_neighbours=n_neighbours, adjacent_weight=adjacent_weight, graph_k=graph_k,
+                  image_spot_scale=[float(v) for v in np.atleast_1d(image_spot_scale)],
                   target_sum=target_sum, refine_shape=refine_shape, adversarial=bool(adversarial), seed=seed,
                   samples=names, **train)
     params = {p: v for p, v in params.items() if v is not None}

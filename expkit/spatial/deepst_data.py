@@ -18,14 +18,19 @@ __all__ = ["spatial_knn_graph", "augment_weights", "augment_counts", "model_feat
 
 
 def sample_name(adata, fallback: str = "this AnnData") -> str:
+    """The sample an AnnData holds (obs['sample'], else its single uns['spatial'] entry) for messages."""
     if "sample" in adata.obs and adata.n_obs:
         return str(adata.obs["sample"].iloc[0])
+    spatial = adata.uns.get("spatial")
+    if isinstance(spatial, dict) and len(spatial) == 1:
+        return str(next(iter(spatial)))
     return fallback
 
 
 def counts_matrix(adata, layer: str | None) -> sp.csr_matrix:
-    """Raw counts: ``layers[layer]`` (None: X) as float32 CSR."""
-    if layer is None:
+    """Raw counts: ``layers[layer]`` (None: X; ``"counts"`` falls back to X when absent, as a reader leaves
+    it) as float32 CSR."""
+    if layer is None or (layer == "counts" and layer not in adata.layers):
         x = adata.X
     elif layer in adata.layers:
         x = adata.layers[layer]
