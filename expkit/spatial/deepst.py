@@ -104,14 +104,15 @@ def _memory_check(n, n_features, n_edges, device, name, max_memory):
 
 
 def _prepare(adata, *, layer, use_image, image_key, image_store, sample, spatial_k, n_neighbours,
-             adjacent_weight, graph_k, seed, device, use_gpu, image_spot_scale=(1.0, 2.0, 4.0)):
+             adjacent_weight, graph_k, seed, device, use_gpu, image_spot_scale=(1.0, 2.0, 4.0),
+             key_added="deepst"):
     """Augmented counts, the augmentation weights and the spatial graph of one sample."""
     xy = dd.coords(adata)
     counts = dd.counts_matrix(adata, layer)
     morph = None
     if use_image:
         morph = dd.morphology(adata, image_key=image_key, image_store=image_store, sample=sample, seed=seed,
-                              spot_scale=image_spot_scale, use_gpu=use_gpu)
+                              spot_scale=image_spot_scale, use_gpu=use_gpu, key_added=key_added + ".image")
     pcs = dd.lognorm_pcs(counts, 50, seed=seed, device=device)
     w = dd.augment_weights(xy, pcs, morph, spatial_k=spatial_k, n_neighbours=n_neighbours)
     return dd.augment_counts(counts, w, adjacent_weight), w, dd.spatial_knn_graph(xy, graph_k)
@@ -168,7 +169,8 @@ def spatial_detect_domains_deepst(adata, *, n_domains: int = 7, layer: str | Non
     aug, w, graph = _prepare(adata, layer=layer, use_image=use_image, image_key=image_key,
                              image_store=image_store, sample=sample, spatial_k=spatial_k,
                              n_neighbours=n_neighbours, adjacent_weight=adjacent_weight, graph_k=graph_k,
-                             seed=seed, device=device, use_gpu=use_gpu, image_spot_scale=image_spot_scale)
+                             seed=seed, device=device, use_gpu=use_gpu, image_spot_scale=image_spot_scale,
+                             key_added=key_added)
     t_prep = time.perf_counter()
     x = dd.model_features(aug, n_comps, target_sum=target_sum, seed=seed, device=device)
     out = dk.train_deepst(x, graph, pre_epochs=pre_epochs, epochs=epochs, init_clusters=_dec_init(seed, device),
@@ -198,7 +200,7 @@ def spatial_detect_domains_deepst(adata, *, n_domains: int = 7, layer: str | Non
 
 
 def _joint_inputs(adatas, names, *, layer, use_image, image_key, image_store, spatial_k, n_neighbours,
-                  adjacent_weight, graph_k, seed, device, use_gpu, image_spot_scale):
+                  adjacent_weight, graph_k, seed, device, use_gpu, image_spot_scale, result_key):
     """Per sample: augmentation (own partners, own image) and graph; stacked on the shared genes."""
     genes = _shared_genes([adatas[s] for s in names])
     if not genes:
@@ -210,7 +212,8 @@ def _joint_inputs(adatas, names, *, layer, use_image, image_key, image_store, sp
         aug, w, g = _prepare(ad, layer=layer, use_image=use_image, image_key=image_key, image_store=store,
                              sample=None if s == "integrated" else s, spatial_k=spatial_k,
                              n_neighbours=n_neighbours, adjacent_weight=adjacent_weight, graph_k=graph_k,
-                             seed=seed, device=device, use_gpu=use_gpu, image_spot_scale=image_spot_scale)
+                             seed=seed, device=device, use_gpu=use_gpu, image_spot_scale=image_spot_scale,
+                             key_added=result_key)
         mats.append(aug[:, ad.var_names.get_indexer(genes)])
         graphs.append(g)
         weights[s] = w
@@ -263,7 +266,8 @@ def integrate_domains_deepst(adatas: Mapping[str, object], *, n_domains: int = 7
     aug, graph, weights = _joint_inputs(adatas, names, layer=layer, use_image=use_image, image_key=image_key,
                                         image_store=image_store, spatial_k=spatial_k, n_neighbours=n_neighbours,
                                         adjacent_weight=adjacent_weight, graph_k=graph_k, seed=seed,
-                                        device=device, use_gpu=use_gpu, image_spot_scale=image_spot_scale)
+                                        device=device, use_gpu=use_gpu, image_spot_scale=image_spot_scale,
+                                        result_key=result_key)
     x = dd.model_features(aug, n_comps, target_sum=target_sum, seed=seed, device=device)
     batches = np.repeat(np.arange(len(names)), [adatas[s].n_obs for s in names]) if adversarial else None
     out = dk.train_deepst(x, graph, pre_epochs=pre_epochs, epochs=epochs, init_clusters=_dec_init(seed, device),
