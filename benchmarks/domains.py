@@ -57,14 +57,31 @@ def _reset_hwm() -> None:
         pass
 
 
-def _case(kind: str, arg, seed: int, threads: int, gpu: bool, q):
-    import torch
+def _read_dlpfc(sid: str):
+    """A DLPFC section as read from its Space Ranger folder, and its manual layers in obs order."""
+    import pandas as pd
 
-    torch.set_num_threads(threads)
+    from expkit.io import read_visium
+
+    folder = _shared() / "dlpfc" / sid
+    ad = read_visium(folder, sample=sid)
+    t = pd.read_csv(folder / f"{sid}_truth.txt", sep="\t", header=None, index_col=0)[1]
+    return ad, t.reindex(ad.obs["barcode"].to_numpy()).to_numpy()
+
+
+def _ari(truth, lab) -> float:
     import numpy as np
     import pandas as pd
     from sklearn.metrics import adjusted_rand_score
 
+    ok = pd.notna(truth)
+    return float(adjusted_rand_score(truth[ok], np.asarray(lab)[ok]))
+
+
+def _case(kind: str, arg, seed: int, threads: int, gpu: bool, q):
+    import torch
+
+    torch.set_num_threads(threads)
     from expkit import settings
     from expkit.spatial import integrate_domains_spagcn, spatial_detect_domains_spagcn
 
@@ -72,18 +89,12 @@ def _case(kind: str, arg, seed: int, threads: int, gpu: bool, q):
     shared = _shared()
 
     def read_dlpfc(sid):
-        from expkit.io import read_visium
-
         from test_domains import spagcn_protocol  # the reference's gene filter + log-normalisation
 
-        ad = spagcn_protocol(read_visium(shared / "dlpfc" / sid, sample=sid))
-        t = pd.read_csv(shared / "dlpfc" / sid / f"{sid}_truth.txt", sep="\t", header=None, index_col=0)[1]
-        return ad, t.reindex(ad.obs["barcode"].to_numpy()).to_numpy()
+        ad, truth = _read_dlpfc(sid)
+        return spagcn_protocol(ad), truth
 
-    def ari(truth, lab):
-        ok = pd.notna(truth)
-        return float(adjusted_rand_score(truth[ok], np.asarray(lab)[ok]))
-
+    ari = _ari
     out = {"kind": kind, "case": arg, "seed": seed}
     if kind == "section":
         ad, truth = read_dlpfc(arg)
@@ -126,26 +137,13 @@ def _deepst_case(kind: str, arg, seed: int, threads: int, gpu: bool, q):
     import torch
 
     torch.set_num_threads(threads)
-    import numpy as np
-    import pandas as pd
-    from sklearn.metrics import adjusted_rand_score
-
     from expkit import settings
-    from expkit.io import read_visium, read_xenium
+    from expkit.io import read_xenium
     from expkit.spatial import integrate_domains_deepst, spatial_detect_domains_deepst
 
     settings.verbosity, settings.progress = "warning", False
     shared = _shared()
-
-    def read(sid):
-        ad = read_visium(shared / "dlpfc" / sid, sample=sid)
-        t = pd.read_csv(shared / "dlpfc" / sid / f"{sid}_truth.txt", sep="\t", header=None, index_col=0)[1]
-        return ad, t.reindex(ad.obs["barcode"].to_numpy()).to_numpy()
-
-    def ari(truth, lab):
-        ok = pd.notna(truth)
-        return float(adjusted_rand_score(truth[ok], np.asarray(lab)[ok]))
-
+    read, ari = _read_dlpfc, _ari
     out = {"kind": kind, "case": arg, "seed": seed}
     if kind == "xenium":
         ad = read_xenium(shared / "xenium_mouse_brain", sample="xenium")

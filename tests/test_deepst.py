@@ -11,7 +11,7 @@ import expkit as ek
 from expkit.errors import ExpkitError, InputError, KeyNotFoundError, ResourceError
 from expkit.kernels import deepst as dk
 from expkit.spatial import deepst_data as dd
-from expkit.spatial.deepst import integrate_domains_deepst, search_leiden, spatial_detect_domains_deepst
+from expkit.spatial.deepst import search_leiden, spatial_detect_domains_deepst
 
 FAST = dict(pre_epochs=30, epochs=20)
 
