@@ -26,7 +26,8 @@ CHUNK = 256
 class ImageWindow:
     """The result of a windowed read.
 
-    array   : (y, x, c) uint8/uint16 pixels, c = number of requested channels, in their order
+    array   : (y, x, c) uint8/uint16 pixels (uint32 object ids for a label image), c = number of requested
+              channels, in their order
     extent  : (left, right, bottom, top) in full-resolution coordinates, ready for
               ``ax.imshow(array, extent=extent)`` on an axis whose y grows downwards
               (``bottom`` > ``top``: row 0 is at the smaller y)
@@ -190,6 +191,16 @@ class _Source:
         """Names of the images held."""
         return sorted(self._meta())
 
+    def _kinds(self) -> dict[str, str]:
+        return {}
+
+    def kind(self, image: str) -> str:
+        """``"labels"`` for a label image (uint32 object ids, 0 = background), else ``"image"``."""
+        meta = self._meta()
+        if image not in meta:
+            raise KeyNotFoundError(f"no image {image!r} in {self._where()}; available: {sorted(meta)}")
+        return self._kinds().get(image, "image")
+
     def channels(self) -> list[str]:
         """Every channel, ``"<image>/<channel>"``."""
         meta = self._meta()
@@ -313,12 +324,19 @@ def _down2(block: np.ndarray) -> np.ndarray:
     return acc.astype(block.dtype)
 
 
-def _downsample_dataset(src, dst, chunk: int) -> None:
-    """dst = 2x block means of src, tile by tile (memory: one tile)."""
+def _take2(block: np.ndarray) -> np.ndarray:
+    """The top-left pixel of each 2x2 block (label images: object ids are taken, never averaged)."""
+    return np.ascontiguousarray(block[0::2, 0::2])
+
+
+def _downsample_dataset(src, dst, chunk: int, nearest: bool = False) -> None:
+    """dst = 2x block means of src (``nearest``: the top-left pixel of each block), tile by tile
+    (memory: one tile)."""
     tile_c = chunk * 8
+    down = _take2 if nearest else _down2
     for r0 in range(0, int(dst.shape[0]), chunk):
         for c0 in range(0, int(dst.shape[1]), tile_c):
-            out = _down2(np.asarray(src[2 * r0:2 * (r0 + chunk), 2 * c0:2 * (c0 + tile_c)]))
+            out = down(np.asarray(src[2 * r0:2 * (r0 + chunk), 2 * c0:2 * (c0 + tile_c)]))
             dst[r0:r0 + out.shape[0], c0:c0 + out.shape[1]] = out
 
 

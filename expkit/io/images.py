@@ -5,6 +5,7 @@ One sample's images live in ONE HDF5 file (:class:`ImageStore`). Each image is a
 compressed, with two attributes:
 
 * ``channels``: the channel names, e.g. ``["r", "g", "b"]`` or ``["0"]``;
+* ``kind`` (label images only): ``"labels"``, see below;
 * ``transform``: a 3 x 3 affine matrix taking full-resolution pixel coordinates ``(x, y, 1)`` (the
   coordinates of ``obsm["spatial"]``) to this image's pixel coordinates ``(col, row, 1)``. Visium:
   ``diag(s, s, 1)`` with ``s = tissue_hires_scalef`` / ``tissue_lowres_scalef``.
@@ -18,7 +19,13 @@ pick, among the images holding those channels, the one best suited to the reques
 ``dpp`` (data units, i.e. full-resolution pixels, per output pixel).
 
 Large images (a side above 4096 px, or ``pyramid=True``) also get 2x, 4x, ... block-averaged
-levels ``/pyramid/<name>/<factor>`` (same channels; not listed as images). A read picks, for the
+levels ``/pyramid/<name>/<factor>`` (same channels; not listed as images).
+
+Label images (``write(..., labels=True)``, e.g. a nuclei segmentation) hold uint32 object ids, 0 the
+background, one channel (default name ``label``), attribute ``kind = "labels"``. Their pyramid levels
+take the top-left pixel of each 2 x 2 block instead of averaging, and strided reads (like every read)
+take pixels, so any read returns only ids that exist. In memory (``uns['spatial'][s]['images']``) a
+uint32 array is a label image (channel ``label``), never rescaled. A read picks, for the
 requested ``dpp``, the coarsest level still at least as fine, then strides by the remaining factor.
 
 Reads touch only the chunks of the requested window (h5py hyperslab selection); a strided read goes
@@ -27,8 +34,9 @@ memory of the order of the output plus one tile, never the image.
 
 File layout (format "expkit.images", version 1)::
 
-    /images/<name>              (y, x, c) uint8|uint16, chunks (256, 256, c), gzip (default) or lzf
-        attrs: channels (str array), transform (3x3 float64)
+    /images/<name>              (y, x, c) uint8|uint16 (uint32, c = 1 for labels), chunks (256, 256, c),
+                                gzip (default) or lzf
+        attrs: channels (str array), transform (3x3 float64), kind ("labels", label images only)
     /pyramid/<name>/<factor>    (ceil(y/f), ceil(x/f), c), attrs: factor, transform
 
 Only axis-aligned transforms (scale, flip, translation; no rotation or shear) can be read as windows.
@@ -54,8 +62,40 @@ __all__ = [
 ]
 
 from ._window import (_GROUP, _PYRAMID, _TMP_PREFIX, CHUNK, PYRAMID_AUTO, PYRAMID_MIN,  # noqa: F401
-                      ImageWindow, _check_transform, _down2, _downsample_dataset, _NullCtx, _Source, level_transform,
-                      parse_channels, scale_transform)
+                      ImageWindow, _check_transform, _down2, _downsample_dataset, _NullCtx, _Source, _take2,
+                      level_transform, parse_channels, scale_transform)
+
+
+def _check_write(name: str, array, channels, labels: bool):
+    """(shape (y, x, c), flat, stored dtype, channel names) of an image to write, or an InputError."""
+    if not isinstance(name, str) or not name or "/" in name or "," in name or name.startswith("."):
+        raise InputError(f"image names must be non-empty, without '/', ',' or a leading '.': {name!r}")
+    shape = tuple(int(s) for s in array.shape)
+    if len(shape) == 2:
+        shape = (*shape, 1)
+        flat = True
+    elif len(shape) == 3:
+        flat = False
+    else:
+        raise InputError(f"image {name!r} must be (y, x) or (y, x, c), got shape {shape}")
+    dtype = np.dtype(array.dtype)
+    c = shape[2]
+    if labels:
+        if not (np.issubdtype(dtype, np.integer) or dtype == np.bool_) or c != 1:
+            raise InputError(f"label image {name!r} must be one channel of integer ids, got {dtype} "
+                             f"with {c} channels")
+        dtype = np.dtype(np.uint32)
+        channels = ["label"] if channels is None else channels
+    elif dtype not in (np.dtype(np.uint8), np.dtype(np.uint16)):
+        raise InputError(f"image {name!r} must be uint8 or uint16, got {dtype} (see images_from_uns "
+                         "for converting float images; labels=True for a label image)")
+    if channels is None:
+        channels = ["r", "g", "b"] if c == 3 else ["r", "g", "b", "a"] if c == 4 else [str(i) for i in range(c)]
+    channels = [str(x) for x in channels]
+    if len(channels) != c or len(set(channels)) != c or any("," in x or "/" in x for x in channels):
+        raise InputError(f"image {name!r}: {c} channels need {c} distinct names without ',' or '/', "
+                         f"got {channels}")
+    return shape, flat, dtype, channels
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,7 +144,7 @@ class ImageStore(_Source):
         key = (st.st_mtime_ns, st.st_size, st.st_ino)
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        meta, levels = {}, {}
+        meta, levels, kinds = {}, {}, {}
         with self._open("r") as f:
             grp = f.get(_GROUP)
             pyr = f.get(_PYRAMID)
@@ -115,6 +155,8 @@ class ImageStore(_Source):
                     chans = [c.decode() if isinstance(c, bytes) else str(c) for c in ds.attrs["channels"]]
                     t = np.asarray(ds.attrs["transform"], dtype=np.float64)
                     meta[name] = (tuple(ds.shape), chans, t)
+                    kind = ds.attrs.get("kind", "image")
+                    kinds[name] = kind.decode() if isinstance(kind, bytes) else str(kind)
                     lv = [(f"{_GROUP}/{name}", 1, t)]
                     if pyr is not None and name in pyr:
                         for fac in sorted(pyr[name], key=int):
@@ -122,8 +164,12 @@ class ImageStore(_Source):
                             lv.append((f"{_PYRAMID}/{name}/{fac}", int(fac),
                                        np.asarray(d.attrs["transform"], dtype=np.float64)))
                     levels[name] = lv
-        self._cache = (key, meta, levels)
+        self._cache = (key, meta, levels, kinds)
         return meta
+
+    def _kinds(self) -> dict[str, str]:
+        self._meta()
+        return self._cache[3] if self._cache is not None else {}
 
     def _levels(self, image: str):
         self._meta()
@@ -159,8 +205,13 @@ class ImageStore(_Source):
     # -- writing --
     def write(self, name: str, array, *, channels: Sequence[str] | None = None,
               transform=None, overwrite: bool = False, compression: str | None = "gzip",
-              compression_opts: int | None = 4, chunk: int = CHUNK, pyramid: bool | None = None) -> None:
+              compression_opts: int | None = 4, chunk: int = CHUNK, pyramid: bool | None = None,
+              labels: bool = False) -> None:
         """Write image ``name`` (a (y, x, c) or (y, x) uint8/uint16 array-like).
+
+        ``labels=True``: a label image (a (y, x) or (y, x, 1) array of non-negative integer object ids
+        below 2**32, any integer dtype), stored as uint32 with ``kind = "labels"``, channel ``label``
+        by default; its pyramid levels take pixels (top-left of each block), never averages.
 
         ``array`` may be any object with ``shape``, ``dtype`` and numpy slicing (an h5py or zarr
         dataset, a memmap, a lazy tile generator): it is copied in bands of ``chunk`` rows, so an
@@ -179,31 +230,11 @@ class ImageStore(_Source):
         to ``name`` (one HDF5 link operation) only once complete, so readers never see a partial
         image; leftovers of an interrupted write are ignored and removed by the next write.
         """
-        if not isinstance(name, str) or not name or "/" in name or "," in name or name.startswith("."):
-            raise InputError(f"image names must be non-empty, without '/', ',' or a leading '.': {name!r}")
-        shape = tuple(int(s) for s in array.shape)
-        if len(shape) == 2:
-            shape = (*shape, 1)
-            flat = True
-        elif len(shape) == 3:
-            flat = False
-        else:
-            raise InputError(f"image {name!r} must be (y, x) or (y, x, c), got shape {shape}")
-        dtype = np.dtype(array.dtype)
-        if dtype not in (np.dtype(np.uint8), np.dtype(np.uint16)):
-            raise InputError(f"image {name!r} must be uint8 or uint16, got {dtype} (see images_from_uns "
-                             "for converting float images)")
-        c = shape[2]
-        if channels is None:
-            channels = ["r", "g", "b"] if c == 3 else ["r", "g", "b", "a"] if c == 4 else [str(i) for i in range(c)]
-        channels = [str(x) for x in channels]
-        if len(channels) != c or len(set(channels)) != c or any("," in x or "/" in x for x in channels):
-            raise InputError(f"image {name!r}: {c} channels need {c} distinct names without ',' or '/', "
-                             f"got {channels}")
+        shape, flat, dtype, channels = _check_write(name, array, channels, labels)
         t = _check_transform(np.eye(3) if transform is None else transform)
         if pyramid is None:
             pyramid = max(shape[0], shape[1]) > PYRAMID_AUTO
-        wargs = (shape, flat, dtype, channels, t, compression, compression_opts, chunk, pyramid)
+        wargs = (shape, flat, dtype, channels, t, compression, compression_opts, chunk, pyramid, labels)
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self.path.exists():
@@ -243,9 +274,10 @@ class ImageStore(_Source):
 
     @staticmethod
     def _write_image(f, dsname, name, array, shape, flat, dtype, channels, t, compression, compression_opts,
-                     chunk, pyramid):
+                     chunk, pyramid, labels=False):
         """The image in bands of ``chunk`` rows; pyramid levels up to factor ``chunk`` are made from
-        each band as it passes (no read-back), deeper ones from the previous level."""
+        each band as it passes (no read-back), deeper ones from the previous level (label images:
+        the top-left pixel of each block instead of its mean)."""
         kw = {}
         if compression:
             kw["compression"] = compression
@@ -266,6 +298,8 @@ class ImageStore(_Source):
                                         chunks=(min(chunk, lh), min(chunk, lw), c), **kw)
                 d.attrs["factor"] = fac
                 d.attrs["transform"] = level_transform(t, fac)
+                if labels:
+                    d.attrs["kind"] = "labels"
                 levels.append((fac, d))
         streamed = [(fac, d) for fac, d in levels if fac <= band and band % fac == 0]
         # level rows are buffered up to whole chunk rows: a partial chunk write would make HDF5
@@ -289,21 +323,25 @@ class ImageStore(_Source):
             if block.shape[1:] != (w, c):
                 raise InputError(f"image {name!r}: rows {r0}.. came back with shape {block.shape}, "
                                  f"expected (rows, {w}, {c})")
+            if labels:
+                block = _label_block(block, name, r0)
             block = block.astype(dtype, copy=False)
             ds[r0:r0 + block.shape[0]] = block
             cur = block
             for i in range(len(streamed)):
-                cur = _down2(cur)
+                cur = _take2(cur) if labels else _down2(cur)
                 pending[i].append(cur)
                 flush(i)
         for i in range(len(streamed)):
             flush(i, final=True)
         prev = streamed[-1][1] if streamed else ds
         for fac, d in levels[len(streamed):]:
-            _downsample_dataset(prev, d, chunk)
+            _downsample_dataset(prev, d, chunk, nearest=labels)
             prev = d
         ds.attrs["channels"] = np.array(channels, dtype=object)
         ds.attrs["transform"] = t
+        if labels:
+            ds.attrs["kind"] = "labels"
         return ds
 
     def delete(self, name: str) -> None:
@@ -323,7 +361,8 @@ class ImageStore(_Source):
         for name, array, chans, t in images_from_uns(adata, sample):
             if name in self and not overwrite:
                 continue
-            self.write(name, array, channels=chans, transform=t, overwrite=overwrite)
+            self.write(name, array, channels=chans, transform=t, overwrite=overwrite,
+                       labels=array.dtype == np.uint32)
             names.append(name)
         return names
 
@@ -352,9 +391,26 @@ def _uns_sample(adata, sample: str | None) -> tuple[str, dict]:
     return sample, spatial[sample]
 
 
+def _label_block(block: np.ndarray, name: str, r0: int) -> np.ndarray:
+    """A band of a label image checked to hold ids in [0, 2**32)."""
+    if block.dtype == np.bool_ or block.dtype == np.uint32 or block.size == 0:
+        return block
+    lo, hi = int(block.min()), int(block.max())
+    if lo < 0 or hi >= 2 ** 32:
+        raise InputError(f"label image {name!r}: ids must be in [0, 2**32), rows {r0}.. hold {lo}..{hi}")
+    return block
+
+
+def _uns_channels(a: np.ndarray) -> list[str]:
+    c = a.shape[2]
+    if a.dtype == np.uint32 and c == 1:
+        return ["label"]
+    return ["r", "g", "b"] if c == 3 else ["r", "g", "b", "a"] if c == 4 else [str(i) for i in range(c)]
+
+
 def _to_uint(array) -> np.ndarray:
     a = np.asarray(array)
-    if a.dtype in (np.uint8, np.uint16):
+    if a.dtype in (np.uint8, np.uint16, np.uint32):  # uint32: a label image, ids kept as they are
         return a
     if np.issubdtype(a.dtype, np.floating):
         hi = float(np.nanmax(a)) if a.size else 1.0
@@ -377,8 +433,8 @@ def _uns_scale(name: str, scalefactors: dict) -> float:
 def images_from_uns(adata, sample: str | None = None) -> list[tuple[str, np.ndarray, list[str], np.ndarray]]:
     """The images of ``adata.uns['spatial'][sample]`` as (name, array, channels, transform).
 
-    Arrays come back as (y, x, c) uint8/uint16 (float images in [0, 1] become uint8); channels are
-    r,g,b(,a) for 3/4 channels, else 0..c-1; the transform scales by the scalefactor
+    Arrays come back as (y, x, c) uint8/uint16 (float images in [0, 1] become uint8), uint32 for a
+    label image (kept as is, channel ``label``); channels are r,g,b(,a) for 3/4 channels, else 0..c-1; the transform scales by the scalefactor
     ``tissue_<name>_scalef`` (``hires``/``lowres``), identity when there is none.
     """
     sample, entry = _uns_sample(adata, sample)
@@ -389,8 +445,7 @@ def images_from_uns(adata, sample: str | None = None) -> list[tuple[str, np.ndar
         a = _to_uint(images[name])
         if a.ndim == 2:
             a = a[:, :, None]
-        c = a.shape[2]
-        chans = ["r", "g", "b"] if c == 3 else ["r", "g", "b", "a"] if c == 4 else [str(i) for i in range(c)]
+        chans = _uns_channels(a)
         out.append((name, a, chans, scale_transform(_uns_scale(name, sf))))
     return out
 
@@ -399,19 +454,24 @@ class _UnsImages(_Source):
     def __init__(self, adata, sample: str | None = None):
         self.sample, entry = _uns_sample(adata, sample)
         self._m = {}
+        self._k = {}
         self._arrays = {}
         sf = entry.get("scalefactors") or {}
         for name, img in (entry.get("images") or {}).items():
             a = np.asarray(img)
             if a.ndim == 2:
                 a = a[:, :, None]
-            c = a.shape[2]
-            chans = ["r", "g", "b"] if c == 3 else ["r", "g", "b", "a"] if c == 4 else [str(i) for i in range(c)]
+            chans = _uns_channels(a)
+            if chans == ["label"]:
+                self._k[name] = "labels"
             self._arrays[name] = a
             self._m[name] = (a.shape, chans, scale_transform(_uns_scale(name, sf)))
 
     def _meta(self):
         return self._m
+
+    def _kinds(self) -> dict[str, str]:
+        return self._k
 
     def _where(self) -> str:
         return f"uns['spatial'][{self.sample!r}]['images']"
