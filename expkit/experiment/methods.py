@@ -39,7 +39,9 @@ METHODS: dict[str, tuple[str, tuple[str, ...] | None, str]] = {
     # spatial domains (DeepST)
     "spatial_detect_domains_deepst": ("expkit.spatial.deepst:spatial_detect_domains_deepst", SPATIAL, "sample"),
     "integrate_domains_deepst": ("expkit.spatial.deepst:integrate_domains_deepst", SPATIAL, "joint"),
-    # image features per spot
+    # images: processing into the image store, per-spot image features
+    "image_process": ("expkit.spatial.image_process:image_process", SPATIAL, "sample"),
+    "image_segment": ("expkit.spatial.image_segment:image_segment", SPATIAL, "sample"),
     "image_features": ("expkit.spatial.image_features:image_features", SPATIAL, "sample"),
     # images and plots
     "get_image": ("expkit.io.images:get_image", SPATIAL, "read"),

@@ -103,7 +103,8 @@ def _default_channels(src: _Source) -> str | None:
 def compose_channels(array: np.ndarray, names: list[str], channel_colors=None) -> tuple[np.ndarray, bool]:
     """(y, x, c) uint8/uint16 channels -> an RGB float image in [0, 1] (or (y, x) grey, flag True).
 
-    Without ``channel_colors``: 3 channels r,g,b(,a) are shown as they are, 1 channel in grey, other
+    Without ``channel_colors``: 3 channels r,g,b(,a) are shown as they are, a label image (channel
+    ``label`` or uint32) with one colour per object (:func:`label_colors`), 1 channel in grey, other
     counts with :data:`DEFAULT_CHANNEL_COLORS`. With ``channel_colors`` (a dict channel -> colour
     or a list aligned with the channels; keys may be "<image>/<channel>" or bare channel names) each
     channel, scaled to [0, 1] (uint8: /255; uint16: by its 99.8th percentile), is tinted by its colour
@@ -112,6 +113,8 @@ def compose_channels(array: np.ndarray, names: list[str], channel_colors=None) -
     a = np.asarray(array)
     c = a.shape[2]
     bare = [n.rpartition("/")[2] for n in names]
+    if c == 1 and channel_colors is None and (bare[0] == "label" or a.dtype == np.uint32):
+        return label_colors(a[:, :, 0]), False
 
     def scaled(x: np.ndarray) -> np.ndarray:
         if x.dtype == np.uint8:
@@ -142,6 +145,24 @@ def compose_channels(array: np.ndarray, names: list[str], channel_colors=None) -
     for i, col in enumerate(cols):
         out += scaled(a[:, :, i])[:, :, None] * np.asarray(mcolors.to_rgb(col), dtype=np.float32)
     return np.clip(out, 0.0, 1.0), False
+
+
+def label_colors(labels: np.ndarray) -> np.ndarray:
+    """A label image (0 = background) as RGBA in [0, 1]: each object a bright colour from its label (hues
+    spaced by the golden ratio, so neighbouring labels differ), the background transparent."""
+    lab = np.asarray(labels).astype(np.int64)
+    hue = (lab * 0.6180339887) % 1.0
+    hsv = np.stack([hue, np.full(hue.shape, 0.75), np.full(hue.shape, 0.95)], axis=-1)
+    rgba = np.concatenate([mcolors.hsv_to_rgb(hsv), (lab > 0)[..., None].astype(np.float64)], axis=-1)
+    return rgba.astype(np.float32)
+
+
+def _expand_image_name(src: _Source, chans):
+    """A bare image name (``"segmentation"``) stands for all of that image's channels."""
+    if isinstance(chans, str) and "/" not in chans and "," not in chans and chans in src.images() \
+            and chans not in [c.rpartition("/")[2] for c in src.channels()]:
+        return f"{chans}/" + ",".join(c.rpartition("/")[2] for c in src.channels() if c.split("/")[0] == chans)
+    return chans
 
 
 def _panel_dpp(ax, xr, yr) -> float:
@@ -203,7 +224,7 @@ def _draw_panel(ax, adata, spec: ColorSpec, i: int, *, opts: dict, channels, cha
     ax.set_aspect("equal", adjustable="box")
     window = None
     if src is not None:
-        chans = channels if channels is not None else _default_channels(src)
+        chans = _expand_image_name(src, channels) if channels is not None else _default_channels(src)
         if chans is not None:
             dpp = _panel_dpp(ax, xr, yr)
             window = src.read(chans, xrange=xr, yrange=yr, dpp=dpp)
