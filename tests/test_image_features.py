@@ -3,7 +3,11 @@ DLPFC 151673 lowres H&E and the scanpy Visium fixture (hires + lowres), against 
 spot by spot."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -159,7 +163,7 @@ def test_blank_image_constant_crop_convention(fixture_hires):
 
 def test_tiles_give_the_same_features(dlpfc, monkeypatch):
     """Windows read per tile of spots (forced small here) give the features of one whole-image read."""
-    import expkit.spatial.image_features as F
+    F = importlib.import_module("expkit.spatial.image_features")  # the module (expkit.spatial exports the function)
 
     one, tiled = dlpfc.copy(), dlpfc.copy()
     image_features(one, spot_scale=(1, 3))
@@ -328,3 +332,148 @@ def test_image_store_reads_alike(dlpfc, tmp_path):
     with pytest.raises(KeyNotFoundError) as exc:
         image_features(disk, channels="lowres/x", image_store=store, key_added="other")
     assert "151673" in str(exc.value) and "lowres/b" in str(exc.value) and "other" not in disk.obsm
+
+
+# ------------------------------------------------------------------------------------------------
+# (g) flavor="squidpy" against squidpy 1.8's calculate_image_features (tests/data/squidpy_img_ref/, made by
+#     tests/reference/make_squidpy_image_features.py in a side venv)
+# ------------------------------------------------------------------------------------------------
+SQ_REF = Path(__file__).parent / "data" / "squidpy_img_ref"
+
+
+def _sq_script():
+    spec = importlib.util.spec_from_file_location("make_sq_img", Path(__file__).parent / "reference" /
+                                                  "make_squidpy_image_features.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _sq_ref(name):
+    return pd.read_csv(SQ_REF / f"{name}.tsv.gz", sep="\t", comment="#", index_col=0)
+
+
+@pytest.fixture(scope="module")
+def sq_cases(shared_data, tmp_path_factory):
+    """(AnnData, ImageStore or None, channels, spot names aligned to the reference rows) per case."""
+    import anndata as ad
+    from PIL import Image
+
+    from expkit.io.images import ImageStore
+
+    ref = _sq_script()
+    tmp = tmp_path_factory.mktemp("sqimg")
+    fx = ad.read_h5ad(shared_data / "visium_fixtures" / "squidpy_test_data.h5ad")
+    lib = next(iter(fx.uns["spatial"]))
+    fx.uns["spatial"][lib]["images"] = {}
+    img = np.asarray(Image.open(shared_data / "visium_fixtures" / "squidpy_test_img.jpg"))
+    store = ImageStore(tmp / "fixture.images.h5")
+    store.write("full", img)
+    store.write("segmentation", ref.dark_labels(img), channels=["label"])
+    vis = read_visium(shared_data / "visium_fixtures" / "scanpy_visium_1.0.0", sample="v1")
+    vis.obs_names = vis.obs["barcode"].astype(str).to_numpy()
+    dg = shared_data / "giotto" / "Visium_mouse_brain_DG"
+    dg_img = np.asarray(Image.open(dg / "images" / "deg_image.png"))[..., :3]
+    locs = np.loadtxt(dg / "visium_DG_locs.txt")
+    (x0, y0), (x1, y1) = locs.min(0), locs.max(0)
+    scale = np.sqrt(dg_img.shape[1] / (x1 - x0) * dg_img.shape[0] / (y1 - y0))
+    sf = json.loads((dg / "scalefactors_json.json").read_text())
+    g = ad.AnnData(np.zeros((len(locs), 1), dtype=np.float32))
+    g.obs_names = [f"dg{i}" for i in range(len(locs))]
+    g.obsm["spatial"] = ref.giotto_pixels(locs, dg_img.shape[:2])
+    g.uns["spatial"] = {"dg": {"images": {}, "scalefactors": {"spot_diameter_fullres":
+                                                               sf["spot_diameter_fullres"] * scale}}}
+    gstore = ImageStore(tmp / "dg.images.h5")
+    gstore.write("dg", dg_img)
+    return {"fixture": (fx, store, "full/r,g,b"), "visium": (vis, None, "lowres/r,g,b"),
+            "giotto": (g, gstore, "dg/r,g,b")}
+
+
+FAMILY_TOL = {  # family -> (rtol, atol) against squidpy's float64 values
+    "summary": (1e-12, 1e-9), "histogram": (0, 0), "texture": (1e-6, 1e-12), "segmentation": (1e-12, 1e-9)}
+
+
+@pytest.mark.parametrize("name", ["fixture_s1", "fixture_s2", "fixture_s1_circle", "visium_s1", "visium_s2",
+                                  "giotto_s1", "giotto_s2"])
+def test_squidpy_flavor_matches_squidpy(name, sq_cases):
+    case, tag = name.split("_", 1)
+    adata, store, chans = sq_cases[case]
+    want = _sq_ref(name)
+    a = adata[want.index.astype(str)].copy()
+    feats = ("summary", "histogram", "texture") + (("segmentation",) if case == "fixture" else ())
+    image_features(a, channels=chans, features=feats, spot_scale=float(tag[1]), flavor="squidpy",
+                   mask_circle=tag.endswith("circle"), image_store=store, key_added="sq")
+    got = pd.DataFrame(a.obsm["sq"], index=a.obs_names, columns=a.uns["sq"]["columns"])
+    assert a.obsm["sq"].dtype == np.float64 and list(got.columns) == list(want.columns)
+    for fam, (rtol, atol) in FAMILY_TOL.items():
+        cols = [c for c in want.columns if c.startswith(fam)]
+        assert cols or fam == "segmentation"
+        np.testing.assert_allclose(got[cols].to_numpy(), want[cols].to_numpy(), rtol=rtol, atol=atol,
+                                   err_msg=f"{name}: {fam}")
+    params = a.uns["sq"]["params"]
+    assert params["flavor"] == "squidpy" and params["padding"] == "zero"
+    assert all(v is not None for v in params.values())
+
+
+def test_squidpy_flavor_geometry_and_padding(sq_cases):
+    """Radius round(d // 2 x spot_scale), centre int(x * scale), zeros beyond the image (flagged)."""
+    adata, store, chans = sq_cases["fixture"]
+    a = adata[:3].copy()
+    a.obsm["spatial"] = np.array([[0.0, 0.0], [949.0, 1716.0], [400.7, 300.2]])
+    image_features(a, channels=chans, features="summary", flavor="squidpy", image_store=store, key_added="g")
+    assert a.uns["g"]["params"]["radius"] == [44] and a.uns["g"]["params"]["crop_side"] == [89]
+    assert a.obs["g.outside"].tolist() == [True, True, False]
+    x = pd.DataFrame(a.obsm["g"], columns=a.uns["g"]["columns"])
+    img = store.read("full/r,g,b").array
+    crop = np.zeros((89, 89, 3), dtype=np.float64)
+    crop[44:, 44:] = img[:45, :45]
+    assert x.loc[0, "summary_ch-1_mean"] == pytest.approx(crop[..., 1].mean(), rel=1e-12)
+    inner = img[300 - 44:300 + 45, 400 - 44:400 + 45].astype(np.float64)
+    assert x.loc[2, "summary_ch-0_quantile-0.5"] == np.quantile(inner[..., 0], 0.5)
+    with pytest.raises(InputError, match="scale=1"):
+        image_features(a, channels=chans, flavor="squidpy", scale=0.5, image_store=store)
+    with pytest.raises(InputError, match="flavor"):
+        image_features(a, channels=chans, flavor="scanpy", image_store=store)
+
+
+def test_segmentation_family_expkit_flavor(sq_cases):
+    """Default flavor: object count, covered fraction, area mean/std and mean intensity under the objects,
+    against a per-spot numpy reference; a missing label channel names the sample and the key."""
+    adata, store, chans = sq_cases["fixture"]
+    a = adata[:12].copy()
+    res = image_features(a, channels=chans, features=("summary", "segmentation"), image_store=store,
+                         diameter=60.0, key_added="seg")
+    cols = a.uns["seg"]["columns"]
+    assert res["n_features"] == 15 + 4 + 3 and "segmentation/label.count" in cols and "full/g.objects_mean" in cols
+    lab, img = store.read("segmentation/label").array[..., 0], store.read("full/r,g,b").array
+    side = a.uns["seg"]["params"]["crop_side"][0]
+    x = pd.DataFrame(a.obsm["seg"], columns=cols)
+    for i in range(a.n_obs):
+        lc = ref_crop(lab[..., None], *a.obsm["spatial"][i], 1.0, side)[..., 0]
+        ic = ref_crop(img, *a.obsm["spatial"][i], 1.0, side)
+        ids, areas = np.unique(lc[lc > 0], return_counts=True)
+        assert x.loc[i, "segmentation/label.count"] == len(ids)
+        assert x.loc[i, "segmentation/label.fraction"] == pytest.approx((lc > 0).mean(), rel=1e-6)
+        if len(ids):
+            np.testing.assert_allclose(x.loc[i, ["segmentation/label.area_mean", "segmentation/label.area_std"]],
+                                       [areas.mean(), areas.std()], rtol=1e-6)
+            assert x.loc[i, "full/b.objects_mean"] == pytest.approx(ic[..., 2][lc > 0].mean(), rel=1e-6)
+    with pytest.raises(KeyNotFoundError) as exc:
+        image_features(a, channels=chans, features="segmentation", segmentation_key="nuclei", image_store=store,
+                       key_added="none")
+    assert "nuclei/label" in str(exc.value) and lib_of(a) in str(exc.value) and "none" not in a.obsm
+
+
+def lib_of(adata):
+    return next(iter(adata.uns["spatial"]))
+
+
+@pytest.mark.gpu
+def test_squidpy_flavor_cpu_and_cuda_agree(sq_cases):
+    adata, store, chans = sq_cases["fixture"]
+    a, b = adata.copy(), adata.copy()
+    kw = dict(channels=chans, features=("summary", "histogram", "texture", "segmentation"), flavor="squidpy",
+              image_store=store)
+    image_features(a, use_gpu=False, **kw)
+    image_features(b, use_gpu=True, **kw)
+    np.testing.assert_allclose(a.obsm["img.features"], b.obsm["img.features"], rtol=1e-9, atol=1e-9)

@@ -31,10 +31,17 @@ Feature families (float64 inside, float32 out):
   correlation ``sum P (i - mu_i)(j - mu_j) / (sd_i sd_j)`` (1 where a standard deviation is 0, as
   scikit-image does) and ASM ``sum P^2``. Each property is **averaged over the four angles** per distance
   (rotation invariant), so the family has 5 x len(distances) features.
+* ``"segmentation"`` (not a default): from a label image on the intensity image's pixel grid (0 =
+  background), per crop the number of distinct objects, the fraction of the crop's pixels they cover, the
+  mean and standard deviation (``ddof=0``) of their areas inside the crop (objects cut by the crop count
+  with their pixels inside it; NaN without objects) and per channel the mean intensity over all object
+  pixels (NaN without objects). The squidpy flavor (:mod:`expkit.kernels.squidpy_features`) averages the
+  objects' mean intensities instead, as squidpy does.
 
 Feature names: ``"<channel>.mean|std|q10|q50|q90"``, ``"<channel>.hist<k>"`` and
-``"<grey>.glcm.<prop>.d<d>"`` (props ``contrast, dissimilarity, homogeneity, correlation, asm``), each
-preceded by ``prefix`` (e.g. ``"s2:"`` for one of several crop scales).
+``"<grey>.glcm.<prop>.d<d>"`` (props ``contrast, dissimilarity, homogeneity, correlation, asm``),
+``"<labels>.count|fraction|area_mean|area_std"`` and ``"<channel>.objects_mean"``, each preceded by
+``prefix`` (e.g. ``"s2:"`` for one of several crop scales).
 """
 from __future__ import annotations
 
@@ -46,11 +53,13 @@ import torch
 
 from ..errors import InputError
 from .device import resolve_device, single_thread
+from .squidpy_features import object_stats
 
-__all__ = ["FAMILIES", "GLCM_PROPS", "QUANTILES", "check_families", "crop_starts", "default_value_range",
+__all__ = ["FAMILIES", "ALL_FAMILIES", "GLCM_PROPS", "QUANTILES", "check_families", "crop_starts", "default_value_range",
            "feature_names", "crop_features"]
 
-FAMILIES = ("summary", "histogram", "texture")
+FAMILIES = ("summary", "histogram", "texture")  # the default families
+ALL_FAMILIES = FAMILIES + ("segmentation",)
 QUANTILES = (0.1, 0.5, 0.9)
 ANGLES = (0.0, math.pi / 4, math.pi / 2, 3 * math.pi / 4)
 GLCM_PROPS = ("contrast", "dissimilarity", "homogeneity", "correlation", "asm")
@@ -63,10 +72,10 @@ def check_families(features) -> tuple[str, ...]:
     if isinstance(features, str):
         features = [features]
     feats = tuple(dict.fromkeys(str(f) for f in features))
-    bad = [f for f in feats if f not in FAMILIES]
+    bad = [f for f in feats if f not in ALL_FAMILIES]
     if bad or not feats:
-        raise InputError(f"unknown image feature families {bad or list(features)}; valid: {list(FAMILIES)}")
-    return tuple(f for f in FAMILIES if f in feats)
+        raise InputError(f"unknown image feature families {bad or list(features)}; valid: {list(ALL_FAMILIES)}")
+    return tuple(f for f in ALL_FAMILIES if f in feats)
 
 
 def default_value_range(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +108,7 @@ def crop_starts(centres: np.ndarray, side: int, shape: tuple[int, int]) -> tuple
 
 
 def feature_names(channels: Sequence[str], features=FAMILIES, *, bins: int = 10, distances=(1, 2),
-                  grey: str = "grey", prefix: str = "") -> list[str]:
+                  grey: str = "grey", labels: str = "segmentation/label", prefix: str = "") -> list[str]:
     """Column names of :func:`crop_features`, in its order."""
     names: list[str] = []
     feats = check_families(features)
@@ -110,6 +119,9 @@ def feature_names(channels: Sequence[str], features=FAMILIES, *, bins: int = 10,
         names += [f"{prefix}{ch}.hist{k}" for ch in channels for k in range(bins)]
     if "texture" in feats:
         names += [f"{prefix}{grey}.glcm.{p}.d{d}" for p in GLCM_PROPS for d in distances]
+    if "segmentation" in feats:
+        names += [f"{prefix}{labels}.{s}" for s in ("count", "fraction", "area_mean", "area_std")]
+        names += [f"{prefix}{ch}.objects_mean" for ch in channels]
     return names
 
 
@@ -263,13 +275,15 @@ def _image_tensor(image: np.ndarray, device: torch.device) -> tuple[torch.Tensor
 def crop_features(image: np.ndarray, centres: np.ndarray, side: int, *, features=FAMILIES, bins: int = 10,
                   levels: int = 8, distances: Sequence[int] = (1, 2), value_range=None,
                   channel_names: Sequence[str] | None = None, grey_name: str = "grey", prefix: str = "",
+                  labels: np.ndarray | None = None, labels_name: str = "segmentation/label",
                   batch_size: int = 1024, device=None) -> tuple[np.ndarray, list[str], np.ndarray]:
     """Features of the ``side`` x ``side`` crops of ``image`` around each of ``centres``.
 
     ``image``: (h, w, c) or (h, w) uint8/uint16/float; ``centres``: (n, 2) (col, row) in that image's pixel
     coordinates; ``side``: crop side in image pixels (at least 1); ``value_range``: (lo, hi) scalars or
     per-channel arrays for the histogram and the grey quantisation (default :func:`default_value_range`);
-    ``device``: a torch device, a device name or ``use_gpu`` (see :func:`resolve_device`).
+    ``device``: a torch device, a device name or ``use_gpu`` (see :func:`resolve_device`); ``labels``: an
+    (h, w) integer label image on the same pixel grid, for the ``"segmentation"`` family.
 
     Returns ``(X, names, outside)``: float32 (n, f) features, their f names (:func:`feature_names`) and a
     bool (n,) array, True where the crop leaves the image (filled by reflection, see the module doc).
@@ -292,7 +306,14 @@ def crop_features(image: np.ndarray, centres: np.ndarray, side: int, *, features
     chans = list(channel_names) if channel_names is not None else [str(i) for i in range(c)]
     if len(chans) != c:
         raise InputError(f"{len(chans)} channel names for an image of {c} channels")
-    names = feature_names(chans, feats, bins=bins, distances=dists, grey=grey_name, prefix=prefix)
+    names = feature_names(chans, feats, bins=bins, distances=dists, grey=grey_name, labels=labels_name,
+                          prefix=prefix)
+    lab = None
+    if "segmentation" in feats:
+        if labels is None or np.asarray(labels).shape[:2] != (h, w):
+            raise InputError("the 'segmentation' family needs a label image of the intensity image's shape "
+                             f"{(h, w)}, got {None if labels is None else np.asarray(labels).shape}")
+        lab = torch.from_numpy(np.asarray(labels).reshape(h, w, 1).astype(np.int64)).to(dev)
     r0, c0, outside = crop_starts(centres, side, (h, w))
     n = len(r0)
     out = np.empty((n, len(names)), dtype=np.float32)
@@ -300,14 +321,15 @@ def crop_features(image: np.ndarray, centres: np.ndarray, side: int, *, features
     with single_thread(dev):  # many small tensor ops per batch: extra OpenMP threads only wait
         for a in range(0, n, step):
             out[a:a + step] = _batch_features(img, r0[a:a + step], c0[a:a + step], side, feats, bins, levels,
-                                              dists, lo, hi, lo_t, hi_t, exact)
+                                              dists, lo, hi, lo_t, hi_t, exact, lab)
     return out, names, outside
 
 
-def _batch_features(img, r0, c0, side, feats, bins, levels, dists, lo, hi, lo_t, hi_t, exact) -> np.ndarray:
+def _batch_features(img, r0, c0, side, feats, bins, levels, dists, lo, hi, lo_t, hi_t, exact, lab) -> np.ndarray:
     """The feature block (b, f) of one batch of crops starting at rows ``r0``, columns ``c0``."""
     dev, c, b = img.device, img.shape[2], len(r0)
-    crops = _gather(img, torch.as_tensor(r0, device=dev), torch.as_tensor(c0, device=dev), side)
+    r0, c0 = torch.as_tensor(r0, device=dev), torch.as_tensor(c0, device=dev)
+    crops = _gather(img, r0, c0, side)
     parts = []
     if "summary" in feats:
         parts.append(_summary(crops.reshape(b, -1, c).transpose(1, 2).to(torch.float64)))
@@ -316,4 +338,8 @@ def _batch_features(img, r0, c0, side, feats, bins, levels, dists, lo, hi, lo_t,
     if "texture" in feats:
         q = _grey_levels(crops, levels, float(lo.min()), float(hi.max()), exact)
         parts.append(_texture(q, levels, dists))
+    if "segmentation" in feats:
+        st = object_stats(_gather(lab, r0, c0, side).reshape(b, -1), crops.reshape(b, -1, c))
+        cols = [st["count"], st["pixels"] / (side * side), st["area_mean"], st["area_std"]]
+        parts.append(torch.cat([torch.stack(cols, 1), st["pixel_mean"]], 1))
     return torch.cat(parts, dim=1).to(torch.float32).cpu().numpy()
