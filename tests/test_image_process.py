@@ -2,6 +2,7 @@
 bounded memory, aligned read-back, named errors, atomic writes."""
 from __future__ import annotations
 
+import importlib
 import time
 import tracemalloc
 
@@ -14,8 +15,9 @@ import expkit
 from expkit.errors import InputError, KeyNotFoundError
 from expkit.io.images import ImageStore, get_image
 from expkit.kernels import image_ops as K
-from expkit.spatial import image_process as IP
 from expkit.spatial.image_process import image_process
+
+IP = importlib.import_module("expkit.spatial.image_process")  # the module (expkit.spatial.image_process is the function)
 
 SAMPLE = "151673"
 

@@ -53,7 +53,7 @@ import torch
 
 from ..errors import InputError
 from .device import resolve_device, single_thread
-from .squidpy_features import object_stats
+from .squidpy_features import label_tensor, object_stats
 
 __all__ = ["FAMILIES", "ALL_FAMILIES", "GLCM_PROPS", "QUANTILES", "check_families", "crop_starts", "default_value_range",
            "feature_names", "crop_features"]
@@ -67,15 +67,17 @@ _LUMA = (299, 587, 114)  # luminance weights x 1000, so integer images quantise 
 _BUDGET = 1 << 22  # pixel values per batch of crops (x 8 bytes per float64 copy)
 
 
-def check_families(features) -> tuple[str, ...]:
-    """The feature families asked for, validated (a string or a sequence of strings)."""
+def check_families(features, valid: Sequence[str] = None) -> tuple[str, ...]:
+    """The feature families asked for (a string or a sequence of strings), validated against ``valid``
+    (default: this module's families) and put in ``valid``'s order."""
+    valid = tuple(ALL_FAMILIES if valid is None else valid)
     if isinstance(features, str):
         features = [features]
     feats = tuple(dict.fromkeys(str(f) for f in features))
-    bad = [f for f in feats if f not in ALL_FAMILIES]
+    bad = [f for f in feats if f not in valid]
     if bad or not feats:
-        raise InputError(f"unknown image feature families {bad or list(features)}; valid: {list(ALL_FAMILIES)}")
-    return tuple(f for f in ALL_FAMILIES if f in feats)
+        raise InputError(f"unknown image feature families {bad or list(features)}; valid: {list(valid)}")
+    return tuple(f for f in valid if f in feats)
 
 
 def default_value_range(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -308,12 +310,7 @@ def crop_features(image: np.ndarray, centres: np.ndarray, side: int, *, features
         raise InputError(f"{len(chans)} channel names for an image of {c} channels")
     names = feature_names(chans, feats, bins=bins, distances=dists, grey=grey_name, labels=labels_name,
                           prefix=prefix)
-    lab = None
-    if "segmentation" in feats:
-        if labels is None or np.asarray(labels).shape[:2] != (h, w):
-            raise InputError("the 'segmentation' family needs a label image of the intensity image's shape "
-                             f"{(h, w)}, got {None if labels is None else np.asarray(labels).shape}")
-        lab = torch.from_numpy(np.asarray(labels).reshape(h, w, 1).astype(np.int64)).to(dev)
+    lab = label_tensor(labels, (h, w), dev) if "segmentation" in feats else None
     r0, c0, outside = crop_starts(centres, side, (h, w))
     n = len(r0)
     out = np.empty((n, len(names)), dtype=np.float32)

@@ -53,14 +53,18 @@ SQ_PROPS = ("contrast", "dissimilarity", "homogeneity", "correlation", "ASM")
 _BUDGET = 1 << 22  # pixel values per batch of crops
 
 
+def label_tensor(labels, shape, dev) -> torch.Tensor:
+    """A label image as an (h, w, 1) int64 tensor, checked to lie on the intensity image's (h, w) grid."""
+    if labels is None or np.asarray(labels).shape[:2] != tuple(shape):
+        raise InputError("the 'segmentation' family needs a label image of the intensity image's shape "
+                         f"{tuple(shape)}, got {None if labels is None else np.asarray(labels).shape}")
+    return torch.from_numpy(np.asarray(labels).reshape(*shape, 1).astype(np.int64)).to(dev)
+
+
 def check_sq_families(features) -> tuple[str, ...]:
-    if isinstance(features, str):
-        features = [features]
-    feats = tuple(dict.fromkeys(str(f) for f in features))
-    bad = [f for f in feats if f not in SQ_FAMILIES]
-    if bad or not feats:
-        raise InputError(f"unknown image feature families {bad or list(features)}; valid: {list(SQ_FAMILIES)}")
-    return tuple(f for f in SQ_FAMILIES if f in feats)
+    from .image_features import check_families
+
+    return check_families(features, SQ_FAMILIES)
 
 
 def squidpy_radius(diameter_px: float, spot_scale: float) -> int:
@@ -260,12 +264,7 @@ def squidpy_crop_features(image: np.ndarray, centres: np.ndarray, radius: int, *
         raise InputError(f"flavor 'squidpy' needs a (h, w[, c]) uint8/uint16 image, got {a.dtype} {a.shape}")
     h, w, c = a.shape
     img = torch.from_numpy(np.ascontiguousarray(a) if a.dtype == np.uint8 else a.astype(np.int32)).to(dev)
-    lab = None
-    if "segmentation" in feats:
-        if labels is None or np.asarray(labels).shape[:2] != (h, w):
-            raise InputError("the 'segmentation' family needs a label image of the intensity image's shape "
-                             f"{(h, w)}, got {None if labels is None else np.asarray(labels).shape}")
-        lab = torch.from_numpy(np.asarray(labels).reshape(h, w, 1).astype(np.int64)).to(dev)
+    lab = label_tensor(labels, (h, w), dev) if "segmentation" in feats else None
     cr = np.asarray(centres, dtype=np.int64).reshape(-1, 2)
     side = 2 * radius + 1
     c0, r0 = cr[:, 0] - radius, cr[:, 1] - radius

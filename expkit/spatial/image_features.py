@@ -18,34 +18,14 @@ from ..errors import InputError, KeyNotFoundError
 from ..kernels import image_features as K
 from ..kernels import squidpy_features as SQ
 from ..kernels.device import resolve_device
+from ._images import sample_name as _sample_name
+from ._images import version as _version
+from ._images import where as _where
 
 __all__ = ["image_features"]
 
 TILE = 2048  # output pixels per side of one window read (memory: about TILE^2 x channels values)
 DISTANCES = (1, 2)
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
-def _sample_name(adata, sample, source) -> str | None:
-    if sample is not None:
-        return str(sample)
-    if getattr(source, "sample", None) is not None:
-        return str(source.sample)
-    spatial = adata.uns.get("spatial")
-    if isinstance(spatial, dict) and len(spatial) == 1:
-        return str(next(iter(spatial)))
-    if "sample" in adata.obs and adata.obs["sample"].nunique() == 1:
-        return str(adata.obs["sample"].iloc[0])
-    return None
-
-
-def _where(sample: str | None) -> str:
-    return f"sample {sample!r}" if sample is not None else "the AnnData"
 
 
 def _resolve(source, channels, sample):

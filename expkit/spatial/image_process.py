@@ -40,35 +40,14 @@ from ..io._window import _GROUP, _PYRAMID, _TMP_PREFIX
 from ..io.images import ImageStore, image_sources
 from ..kernels import image_ops as K
 from ..kernels.device import resolve_device
+from ._images import sample_name as _sample_name
+from ._images import version as _version
+from ._images import where as _where
 
 __all__ = ["image_process"]
 
 SINGLE_PASS = True  # read the source from the store while writing into it (else: via a temporary file)
 _METHODS = ("smooth", "grey")
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
-def _sample_name(adata, sample, source) -> str | None:
-    if sample is not None:
-        return str(sample)
-    if getattr(source, "sample", None) is not None:
-        return str(source.sample)
-    spatial = adata.uns.get("spatial") if hasattr(adata, "uns") else None
-    if isinstance(spatial, dict) and len(spatial) == 1:
-        return str(next(iter(spatial)))
-    obs = getattr(adata, "obs", None)
-    if obs is not None and "sample" in obs and obs["sample"].nunique() == 1:
-        return str(obs["sample"].iloc[0])
-    return None
-
-
-def _where(sample: str | None) -> str:
-    return f"sample {sample!r}" if sample is not None else "the AnnData"
 
 
 def _resolve(source, channels, sample) -> tuple[str, list[str]]:

@@ -34,32 +34,14 @@ from .._logging import logger
 from ..errors import InputError, KeyNotFoundError
 from ..io.images import ImageStore, image_sources
 from ..kernels import segment as K
+from ._images import sample_name as _sample_name
+from ._images import version as _version
+from ._images import where as _where
 
 __all__ = ["image_segment", "objects_to_adata"]
 
 METHODS = ("watershed", "threshold")
 HEMA_BINS = 1024
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__
-
-
-def _sample_name(adata, sample, source) -> str | None:
-    if sample is not None:
-        return str(sample)
-    if getattr(source, "sample", None) is not None:
-        return str(source.sample)
-    spatial = adata.uns.get("spatial") if hasattr(adata, "uns") else None
-    if isinstance(spatial, dict) and len(spatial) == 1:
-        return str(next(iter(spatial)))
-    return None
-
-
-def _where(sample) -> str:
-    return f"sample {sample!r}" if sample is not None else "the AnnData"
 
 
 def _source(adata, image_store, sample):
