@@ -39,6 +39,9 @@ METHODS: dict[str, tuple[str, tuple[str, ...] | None, str]] = {
     # spatial domains (DeepST)
     "spatial_detect_domains_deepst": ("expkit.spatial.deepst:spatial_detect_domains_deepst", SPATIAL, "sample"),
     "integrate_domains_deepst": ("expkit.spatial.deepst:integrate_domains_deepst", SPATIAL, "joint"),
+    # niches / domains from expression + neighbourhood at several resolutions (nested), island filtering
+    "spatial_domains": ("expkit.spatial.niches:spatial_domains", SPATIAL, "joint"),
+    "spatial_filter_islands": ("expkit.spatial.niches:spatial_filter_islands", SPATIAL, "sample"),
     # images: processing into the image store, per-spot image features
     "image_process": ("expkit.spatial.image_process:image_process", SPATIAL, "sample"),
     "image_segment": ("expkit.spatial.image_segment:image_segment", SPATIAL, "sample"),
