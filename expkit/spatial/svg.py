@@ -5,6 +5,7 @@ import hashlib
 import math
 import os
 from collections import OrderedDict
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -12,13 +13,13 @@ import scipy.sparse as sp
 import torch
 
 from .. import __version__
-from .._logging import logger, progress as _progress
-from ..errors import InputError, KeyNotFoundError, ResourceError
-from ..kernels import pvalues as pv
+from .._logging import logger
+from ..errors import InputError, ResourceError
 from ..kernels import score_test as st
 from ..kernels import ski
 from ..kernels import spatial_kernels as sk
 from ..kernels.device import resolve_device
+from . import svg_steps as steps
 
 __all__ = ["svg_spatialde", "clear_cache"]
 
@@ -190,6 +191,146 @@ def _build_kernel(kind, l, coords, plan, device, tol, sparse_tol, budget, dist_c
 
 
 # ----------------------------------------------------------------------------------------------
+# steps of svg_spatialde that use this module's caches and kernel plans (the others: svg_steps.py)
+# ----------------------------------------------------------------------------------------------
+def _check_options(obs_dist, method, null_fit) -> str:
+    """The observation model (``"negative_binomial"`` or ``"normal"``) after checking the options."""
+    dist = _OBS_DIST.get(str(obs_dist).lower().replace("-", "_").replace(" ", "_"))
+    if dist is None:
+        raise InputError(f"obs_dist must be 'negative_binomial' or 'normal', not {obs_dist!r}")
+    if method not in ("auto", "exact", "approx", "ski"):
+        raise InputError(f"method must be 'auto', 'exact', 'approx' or 'ski', not {method!r}")
+    if null_fit not in st.NULL_FITS:
+        raise InputError(f"null_fit must be one of {st.NULL_FITS}, not {null_fit!r}")
+    return dist
+
+
+def _resolve_kernels(kernel_space, coords, method, exact_max_spots):
+    """The kernels ``[(kind, lengthscale)]``, their names and the method (``"auto"`` resolved)."""
+    kernels = _parse_kernel_space(kernel_space, coords)
+    names = [_kernel_name(k, l) for k, l in kernels]
+    mode = ("exact" if coords.shape[0] <= exact_max_spots else "approx") if method == "auto" else method
+    return kernels, names, mode
+
+
+class _MemoryPlan(NamedTuple):
+    """The memory plan of a run (:func:`_memory_plan`)."""
+
+    budget: int
+    chunk_size: int
+    chunk_bytes: int
+    plans: list
+    all_at_once: bool
+
+
+def _memory_plan(kernels, names, coords, g, mode, tol, sparse_tol, omnibus, chunk_size, max_memory,
+                 device) -> _MemoryPlan:
+    """Budget, gene chunk size and kernel representations, before anything large is allocated; raises
+    :class:`ResourceError` when the run cannot fit."""
+    n = coords.shape[0]
+    budget = int((max_memory * 1024 ** 3) if max_memory is not None else 0.8 * _available_memory(device))
+    if chunk_size is None:
+        chunk_size = int(max(1, min(g if g else 1, (256 * 1024 ** 2) // (8 * 12 * n))))
+    chunk_bytes = 8 * 12 * n * min(chunk_size, max(g, 1))
+    plans = [_plan_kernel(k, l, coords, n, mode, tol, sparse_tol, budget) for k, l in kernels]
+    per_kernel = max(p["bytes"] for p in plans)
+    need = chunk_bytes + (sum(p["bytes"] for p in plans) if omnibus else per_kernel) + 8 * n * 64
+    if need > budget:
+        worst = max(range(len(plans)), key=lambda i: plans[i]["bytes"])
+        raise ResourceError(
+            f"svg_spatialde on {n} spots x {g} genes needs about {need / 1024 ** 3:.1f} GiB "
+            f"({names[worst]}: {plans[worst]['rep']}, {plans[worst]['bytes'] / 1024 ** 3:.1f} GiB) but "
+            f"{budget / 1024 ** 3:.1f} GiB are available; use method='approx', fewer kernels or max_memory")
+    # all kernels held at once (when they fit): the per-chunk weights are computed once for all kernels
+    all_at_once = (not omnibus and len(kernels) > 1
+                   and sum(p["bytes"] for p in plans) + chunk_bytes + 8 * n * 64 <= budget)
+    return _MemoryPlan(budget, chunk_size, chunk_bytes, plans, all_at_once)
+
+
+def _null_model(gc, null_fit, use_cache, given_null, n_vars):
+    """The null fit of the tested genes: given (``_null_fit``), from the null cache or fitted (and cached);
+    returns ``(null, cache_hit)`` and sets it on ``gc``."""
+    dist = gc.dist
+    data_key = (_hash_arrays(gc.Xs, gc.s, gc.tested) + dist + str(gc.device)
+                + (null_fit if dist == "negative_binomial" else ""))
+    null_hit = use_cache and data_key in _NULL_CACHE and given_null is None
+    if given_null is not None:
+        given = [np.asarray(v, dtype=np.float64).ravel() for v in given_null]
+        if len(given) != 2 or any(v.shape != (n_vars,) for v in given):
+            raise InputError(f"_null_fit must be two arrays of length n_vars = {n_vars}")
+        null = {"p1": given[0][gc.tested], "p2": given[1][gc.tested], "converged": np.ones(gc.g, dtype=bool)}
+    elif null_hit:
+        null = _NULL_CACHE[data_key]
+        _NULL_CACHE.move_to_end(data_key)
+    else:
+        null = steps.fit_null(gc, null_fit)
+        if use_cache:
+            _NULL_CACHE[data_key] = null
+            while len(_NULL_CACHE) > _NULL_CACHE_ITEMS:
+                _NULL_CACHE.popitem(last=False)
+    gc.set_null(null)
+    if (~null["converged"]).any():
+        logger.info(f"svg_spatialde: the null fit of {(~null['converged']).sum()} genes stopped at the "
+                    "iteration limit")
+    return null, null_hit
+
+
+class _KernelSource:
+    """The kernel operators of a run, built from their plans or taken from the kernel cache (``hits``)."""
+
+    def __init__(self, coords, kernels, mem, mode, tol, sparse_tol, device, use_cache):
+        self.coords, self.kernels, self.plans, self.budget = coords, kernels, mem.plans, mem.budget
+        self.tol, self.sparse_tol, self.device, self.use_cache = tol, sparse_tol, device, use_cache
+        self.coords_key = _hash_arrays(coords)
+        self.hits = 0
+        # the squared distances are shared by the dense SE kernels (when two n x n matrices fit)
+        n = coords.shape[0]
+        self.dist_cache = {} if (mode == "exact" and 16 * n * n + mem.chunk_bytes <= mem.budget) else None
+
+    def get(self, j):
+        kind, l = self.kernels[j]
+        key = (self.coords_key, kind, l, self.plans[j]["rep"], self.tol, self.sparse_tol, str(self.device))
+        if self.use_cache and key in _KERNEL_CACHE:
+            self.hits += 1
+            _KERNEL_CACHE.move_to_end(key)
+            return _KERNEL_CACHE[key]
+        op = _build_kernel(kind, l, self.coords, self.plans[j], self.device, self.tol, self.sparse_tol,
+                           self.budget, self.dist_cache)
+        if self.use_cache and op.nbytes <= _KERNEL_CACHE_BYTES // 2:
+            _KERNEL_CACHE[key] = op
+            while sum(o.nbytes for o in _KERNEL_CACHE.values()) > _KERNEL_CACHE_BYTES:
+                _KERNEL_CACHE.popitem(last=False)
+        return op
+
+
+def _run_record(params, names, kernels, reps, gc, pvals, null, basis_residual, hits, null_hit, null_given,
+                device) -> dict:
+    """``uns[key]``: params, kernels and their representations, counts and cache use of the run; ``params``:
+    ``(layer, spatial_key, dist, omnibus, sizefactors, n_svg, mode, tol, sparse_tol, use_gpu, null_fit)``."""
+    layer, spatial_key, dist, omnibus, sizefactors, n_svg, mode, tol, sparse_tol, use_gpu, null_fit = params
+    g = gc.g
+    return {
+        "params": {"layer": layer, "spatial_key": spatial_key, "obs_dist": dist, "omnibus": bool(omnibus),
+                   "sizefactors": sizefactors if isinstance(sizefactors, str) else
+                   ("total_counts" if sizefactors is None else "array"),
+                   "n_svg": int(n_svg), "method": mode, "tol": tol, "sparse_tol": sparse_tol,
+                   "use_gpu": bool(use_gpu), "null_fit": null_fit},
+        "version": __version__,
+        "kernels": names,
+        "lengthscales": {nm: l for nm, (_, l) in zip(names, kernels)},
+        "representation": reps,
+        "n_spots_tested": int(gc.n),
+        "n_genes_tested": int(g),
+        "n_svg": int(pvals["is_svg"].sum()),
+        "null_not_converged": int((~null["converged"]).sum()) if g else 0,
+        "weight_basis_residual": basis_residual if g else 0.0,
+        "cache": {"kernels": int(hits), "null": bool(null_hit)},
+        **({"null_given": True} if null_given else {}),
+        "device": str(device),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
 # main function
 # ----------------------------------------------------------------------------------------------
 def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "spatial",
@@ -256,320 +397,19 @@ def svg_spatialde(adata, *, layer: str | None = "counts", spatial_key: str = "sp
     ``var`` like ``varm['<key>.null']`` (``(log_mean, dispersion)``; mean and variance for the normal
     model); the null cache is then neither read nor written.
     """
-    dist = _OBS_DIST.get(str(obs_dist).lower().replace("-", "_").replace(" ", "_"))
-    if dist is None:
-        raise InputError(f"obs_dist must be 'negative_binomial' or 'normal', not {obs_dist!r}")
-    if method not in ("auto", "exact", "approx", "ski"):
-        raise InputError(f"method must be 'auto', 'exact', 'approx' or 'ski', not {method!r}")
-    if null_fit not in st.NULL_FITS:
-        raise InputError(f"null_fit must be one of {st.NULL_FITS}, not {null_fit!r}")
-    device = resolve_device(use_gpu)
-
-    # ---- inputs
-    if layer is None:
-        X = adata.X
-    elif layer in adata.layers:
-        X = adata.layers[layer]
-    elif layer == "counts":
-        logger.info("svg_spatialde: no layer 'counts', using X")
-        X = adata.X
-    else:
-        raise KeyNotFoundError(f"layer {layer!r} not in adata.layers (available: {list(adata.layers)})")
-    if spatial_key not in adata.obsm:
-        raise KeyNotFoundError(f"obsm key {spatial_key!r} not found (available: {list(adata.obsm)})")
-    coords = np.asarray(adata.obsm[spatial_key], dtype=np.float64)
-    if coords.ndim != 2 or coords.shape[0] != adata.n_obs:
-        raise InputError(f"obsm[{spatial_key!r}] must be n_obs x d coordinates")
-    X = sp.csr_matrix(X) if sp.issparse(X) else np.asarray(X)
-    n_obs, n_vars = X.shape
-    if sizefactors is None:
-        s_all = np.asarray(X.sum(1), dtype=np.float64).ravel()
-    elif isinstance(sizefactors, str):
-        if sizefactors not in adata.obs:
-            raise KeyNotFoundError(f"sizefactors: obs column {sizefactors!r} not found")
-        s_all = adata.obs[sizefactors].to_numpy(dtype=np.float64)
-    else:
-        s_all = np.asarray(sizefactors, dtype=np.float64).ravel()
-        if s_all.shape[0] != n_obs:
-            raise InputError(f"sizefactors has {s_all.shape[0]} values for {n_obs} spots")
-    if dist == "negative_binomial":
-        spots = np.nonzero(s_all > 0)[0]
-    else:
-        spots = np.arange(n_obs)
-    if spots.size < 3:
-        raise InputError("svg_spatialde needs at least 3 spots with a positive size factor")
-    Xs = X[spots] if spots.size < n_obs else X
-    Xs = sp.csr_matrix(Xs, dtype=np.float64) if sp.issparse(Xs) else np.asarray(Xs, dtype=np.float64)
-    cs = coords[spots]
-    s = s_all[spots]
-    n = spots.size
-    if dist == "negative_binomial":
-        if (Xs.data if sp.issparse(Xs) else Xs).min(initial=0) < 0:
-            raise InputError("negative values in the counts: the negative-binomial test needs raw counts")
-        totals = np.asarray(Xs.sum(0)).ravel()
-        tested = np.nonzero(totals > 0)[0]
-    else:
-        sq = np.asarray((Xs.multiply(Xs) if sp.issparse(Xs) else Xs ** 2).sum(0)).ravel()
-        mean = np.asarray(Xs.mean(0)).ravel()
-        tested = np.nonzero(sq / n - mean ** 2 > 1e-12 * np.maximum(sq / n, 1e-300))[0]
-    kernels = _parse_kernel_space(kernel_space, cs)
-    names = [_kernel_name(k, l) for k, l in kernels]
-    mode = ("exact" if n <= exact_max_spots else "approx") if method == "auto" else method
-
-    # ---- memory plan (before anything large is allocated)
-    budget = int((max_memory * 1024 ** 3) if max_memory is not None else 0.8 * _available_memory(device))
-    g = tested.size
-    if chunk_size is None:
-        chunk_size = int(max(1, min(g if g else 1, (256 * 1024 ** 2) // (8 * 12 * n))))
-    chunk_bytes = 8 * 12 * n * min(chunk_size, max(g, 1))
-    plans = [_plan_kernel(k, l, cs, n, mode, tol, sparse_tol, budget) for k, l in kernels]
-    per_kernel = max(p["bytes"] for p in plans)
-    need = chunk_bytes + (sum(p["bytes"] for p in plans) if omnibus else per_kernel) + 8 * n * 64
-    if need > budget:
-        worst = max(range(len(plans)), key=lambda i: plans[i]["bytes"])
-        raise ResourceError(
-            f"svg_spatialde on {n} spots x {g} genes needs about {need / 1024 ** 3:.1f} GiB "
-            f"({names[worst]}: {plans[worst]['rep']}, {plans[worst]['bytes'] / 1024 ** 3:.1f} GiB) but "
-            f"{budget / 1024 ** 3:.1f} GiB are available; use method='approx', fewer kernels or max_memory")
-
-    # ---- null model (cached)
-    data_key = _hash_arrays(Xs, s, tested) + dist + str(device) + (null_fit if dist == "negative_binomial" else "")
-    null_hit = use_cache and data_key in _NULL_CACHE and _null_fit is None
-    chunks = [tested[i:i + chunk_size] for i in range(0, g, chunk_size)]
-
-    def dense_chunk(cols):
-        block = Xs[:, cols]
-        block = block.toarray() if sp.issparse(block) else np.asarray(block)
-        return torch.as_tensor(block, dtype=torch.float64, device=device)
-
-    s_t = torch.as_tensor(s, dtype=torch.float64, device=device)
-    if _null_fit is not None:
-        given = [np.asarray(v, dtype=np.float64).ravel() for v in _null_fit]
-        if len(given) != 2 or any(v.shape != (n_vars,) for v in given):
-            raise InputError(f"_null_fit must be two arrays of length n_vars = {n_vars}")
-        null = {"p1": given[0][tested], "p2": given[1][tested], "converged": np.ones(g, dtype=bool)}
-    elif null_hit:
-        null = _NULL_CACHE[data_key]
-        _NULL_CACHE.move_to_end(data_key)
-    else:
-        p1 = np.full(g, np.nan)
-        p2 = np.full(g, np.nan)
-        conv = np.zeros(g, dtype=bool)
-        spot_sums = st._SpotSums(s_t) if dist == "negative_binomial" and g else None
-        csc = sp.csc_matrix(Xs[:, tested]) if dist == "negative_binomial" and sp.issparse(Xs) and g else None
-        # sparse counts: the NB fit works on the non-zeros, without densifying; gene chunks of at most
-        # n * chunk_size non-zeros (within the memory estimate of one dense chunk)
-        start = 0
-        while csc is not None and start < g:
-            ip = csc.indptr
-            end = int(np.searchsorted(ip, ip[start] + n * chunk_size, side="right")) - 1
-            end = min(g, max(end, start + 1))
-            lo_, hi_ = int(ip[start]), int(ip[end])
-            b, a, c = st.fit_nb_null_csc(torch.as_tensor(ip[start:end + 1] - ip[start], device=device),
-                                         torch.as_tensor(csc.indices[lo_:hi_], device=device),
-                                         torch.as_tensor(csc.data[lo_:hi_], dtype=torch.float64, device=device),
-                                         n, s_t, spot_sums=spot_sums, null_fit=null_fit)
-            conv[start:end], p1[start:end], p2[start:end] = c.cpu().numpy(), b.cpu().numpy(), a.cpu().numpy()
-            start = end
-        for i, cols in enumerate(chunks if csc is None else []):
-            y = dense_chunk(cols)
-            sl = slice(i * chunk_size, i * chunk_size + cols.size)
-            if dist == "negative_binomial":
-                b, a, c = st.fit_nb_null(y, s_t, spot_sums=spot_sums, null_fit=null_fit)
-                conv[sl] = c.cpu().numpy()
-            else:
-                b, a = st.fit_normal_null(y)
-                conv[sl] = True
-            p1[sl], p2[sl] = b.cpu().numpy(), a.cpu().numpy()
-        null = {"p1": p1, "p2": p2, "converged": conv}
-        if use_cache:
-            _NULL_CACHE[data_key] = null
-            while len(_NULL_CACHE) > _NULL_CACHE_ITEMS:
-                _NULL_CACHE.popitem(last=False)
-    p1_t = torch.as_tensor(null["p1"], device=device)
-    p2_t = torch.as_tensor(null["p2"], device=device)
-    if (~null["converged"]).any():
-        logger.info(f"svg_spatialde: the null fit of {(~null['converged']).sum()} genes stopped at the "
-                    "iteration limit")
-
-    def weights(cols_idx, y):
-        """W and z for the genes at positions cols_idx (into tested) and their counts y (None: W only)."""
-        if dist == "negative_binomial":
-            mu = torch.exp(p1_t[cols_idx])
-            a = p2_t[cols_idx]
-            m = s_t[:, None] * mu[None, :]
-            den = 1.0 + a[None, :] * m
-            W = m / den
-            Z = None if y is None else (y - m) / den
-        else:
-            W = (1.0 / p2_t[cols_idx])[None, :].expand(n, cols_idx.numel()).contiguous()
-            Z = None if y is None else (y - p1_t[cols_idx][None, :]) * W
-        return W, Z
-
-    # ---- weight bases (gene-independent products with K go through them)
-    if g:
-        order = (p2_t * torch.exp(p1_t)) if dist == "negative_binomial" else torch.arange(g, device=device)
-        pick = torch.argsort(order)[torch.unique(torch.linspace(0, g - 1, min(g, 256), device=device).round().long())]
-        Wp, _ = weights(pick, None)
-        B1 = st.weight_basis(Wp, order[pick])
-        B2 = st.weight_basis(Wp * Wp, order[pick])
-        # every gene's weights must lie in the span; add the worst ones if not
-        resid = []
-        for i, cols in enumerate(chunks):
-            idx = torch.arange(i * chunk_size, i * chunk_size + cols.size, device=device)
-            W, _ = weights(idx, None)
-            r1, r2 = st.projection_residual(B1, W), st.projection_residual(B2, W * W)
-            bad = (r1 > 1e-9) | (r2 > 1e-9)
-            if bad.any():
-                extra = W[:, bad]
-                B1 = st.weight_basis(torch.cat([B1, extra / extra.norm(dim=0)], 1), None, n_sample=10 ** 9)
-                B2 = st.weight_basis(torch.cat([B2, (extra ** 2) / (extra ** 2).norm(dim=0)], 1), None,
-                                     n_sample=10 ** 9)
-                r1, r2 = st.projection_residual(B1, W), st.projection_residual(B2, W * W)
-            resid.append(float(torch.maximum(r1.max(), r2.max())))
-        basis_residual = max(resid) if resid else 0.0
-
-    # ---- kernels x gene chunks
-    coords_key = _hash_arrays(cs)
-    n_k = len(kernels)
-    U = np.full((g, n_k), np.nan)
-    E = np.full((g, n_k), np.nan)
-    Iinfo = np.full((g, n_k), np.nan)
-    reps = {}
-    hits = 0
-    # the squared distances are shared by the dense SE kernels (when two n x n matrices fit)
-    dist_cache = {} if (mode == "exact" and 16 * n * n + chunk_bytes <= budget) else None
-
-    def get_op(j):
-        nonlocal hits
-        kind, l = kernels[j]
-        key = (coords_key, kind, l, plans[j]["rep"], tol, sparse_tol, str(device))
-        if use_cache and key in _KERNEL_CACHE:
-            hits += 1
-            _KERNEL_CACHE.move_to_end(key)
-            return _KERNEL_CACHE[key]
-        op = _build_kernel(kind, l, cs, plans[j], device, tol, sparse_tol, budget, dist_cache)
-        if use_cache and op.nbytes <= _KERNEL_CACHE_BYTES // 2:
-            _KERNEL_CACHE[key] = op
-            while sum(o.nbytes for o in _KERNEL_CACHE.values()) > _KERNEL_CACHE_BYTES:
-                _KERNEL_CACHE.popitem(last=False)
-        return op
-
-    def chunk_data(i, cols):
-        idx = torch.arange(i * chunk_size, i * chunk_size + cols.size, device=device)
-        W, Z = weights(idx, dense_chunk(cols))
-        W2 = W * W
-        return W, Z, W2, B1.T @ W, B2.T @ W2, st.weight_sums(W)
-
-    def store(i, cols, col, stats):
-        sl = slice(i * chunk_size, i * chunk_size + cols.size)
-        U[sl, col], E[sl, col], Iinfo[sl, col] = (v.cpu().numpy() for v in stats)
-
-    def run_op(op, col):
-        prod = st.KernelProducts(op, B1, B2)
-        for i, cols in enumerate(chunks):
-            W, Z, W2, A1, A2, sums = chunk_data(i, cols)
-            store(i, cols, col, st.score_statistics(prod, Z, W, A1, A2, sums, W2))
-
-    # all kernels held at once (when they fit): the per-chunk weights are computed once for all kernels
-    all_at_once = (not omnibus and n_k > 1
-                   and sum(p["bytes"] for p in plans) + chunk_bytes + 8 * n * 64 <= budget)
-
-    if g:
-        with _progress(n_k + (1 if omnibus else 0), "SpatialDE2 score test",
-                       enabled=None if progress else False) as advance:
-            if omnibus:
-                ops = []
-                for j in range(n_k):
-                    ops.append(get_op(j))
-                    reps[names[j]] = ops[-1].info()
-                    advance(names[j])
-                if all(isinstance(o, sk.DenseKernel) for o in ops):
-                    total = ops[0].K.clone()
-                    for o in ops[1:]:
-                        total += o.K
-                    sum_op = sk.DenseKernel(total, name="sum")
-                else:
-                    sum_op = sk.SumKernel(ops)
-                U = np.full((g, 1), np.nan)
-                E = np.full((g, 1), np.nan)
-                Iinfo = np.full((g, 1), np.nan)
-                run_op(sum_op, 0)
-                advance("omnibus")
-            elif all_at_once:
-                prods = []
-                for j in range(n_k):
-                    op = get_op(j)
-                    reps[names[j]] = op.info()
-                    prods.append(st.KernelProducts(op, B1, B2))
-                    advance(names[j])
-                for i, cols in enumerate(chunks):
-                    W, Z, W2, A1, A2, sums = chunk_data(i, cols)
-                    for j, prod in enumerate(prods):
-                        store(i, cols, j, st.score_statistics(prod, Z, W, A1, A2, sums, W2))
-                del prods
-            else:
-                for j in range(n_k):
-                    op = get_op(j)
-                    reps[names[j]] = op.info()
-                    run_op(op, j)
-                    del op
-                    advance(names[j])
-        dist_cache = None
-
-    # ---- p-values (log space throughout)
-    logp_k, kappa, nu = pv.satterthwaite_logp(U, E, Iinfo)
-    if omnibus or n_k == 1:
-        logp = logp_k[:, 0]
-    else:
-        logp = pv.cauchy_combine_logp(logp_k)
-    logp_full = np.full(n_vars, np.nan)
-    logp_full[tested] = logp
-    logpadj = pv.bh_adjust_log(logp_full)
-    ln10 = math.log(10.0)
-    pval = np.exp(logp_full)
-    padj = np.exp(logpadj)
-    rank = np.full(n_vars, np.nan)
-    ok = ~np.isnan(logp_full)
-    order = np.argsort(logp_full[ok], kind="stable")
-    r = np.empty(order.size)
-    r[order] = np.arange(1, order.size + 1)
-    rank[ok] = r
-    is_svg = ok & (np.nan_to_num(padj, nan=1.0) < 0.05) & (np.nan_to_num(rank, nan=np.inf) <= n_svg)
-
-    res = pd.DataFrame({f"{key_added}.pval": pval, f"{key_added}.padj": padj,
-                        f"{key_added}.log10p": logp_full / ln10, f"{key_added}.rank": rank,
-                        f"{key_added}.svg": is_svg}, index=adata.var_names)
-    for c in res.columns:
-        adata.var[c] = res[c].to_numpy()
-    cols = ["omnibus"] if omnibus else names
-    for what, arr in (("U", U), ("e", E), ("I", Iinfo), ("log10p", logp_k / ln10)):
-        full = np.full((n_vars, len(cols)), np.nan)
-        full[tested] = arr
-        adata.varm[f"{key_added}.{what}"] = pd.DataFrame(full, index=adata.var_names, columns=cols)
-    nul = np.full((n_vars, 2), np.nan)
-    if g:
-        nul[tested, 0], nul[tested, 1] = null["p1"], null["p2"]
-    adata.varm[f"{key_added}.null"] = pd.DataFrame(
-        nul, index=adata.var_names,
-        columns=["log_mean", "dispersion"] if dist == "negative_binomial" else ["mean", "variance"])
-    adata.uns[key_added] = {
-        "params": {"layer": layer, "spatial_key": spatial_key, "obs_dist": dist, "omnibus": bool(omnibus),
-                   "sizefactors": sizefactors if isinstance(sizefactors, str) else
-                   ("total_counts" if sizefactors is None else "array"),
-                   "n_svg": int(n_svg), "method": mode, "tol": tol, "sparse_tol": sparse_tol,
-                   "use_gpu": bool(use_gpu), "null_fit": null_fit},
-        "version": __version__,
-        "kernels": names,
-        "lengthscales": {nm: l for nm, (_, l) in zip(names, kernels)},
-        "representation": reps,
-        "n_spots_tested": int(n),
-        "n_genes_tested": int(g),
-        "n_svg": int(is_svg.sum()),
-        "null_not_converged": int((~null["converged"]).sum()) if g else 0,
-        "weight_basis_residual": basis_residual if g else 0.0,
-        "cache": {"kernels": int(hits), "null": bool(null_hit)},
-        **({"null_given": True} if _null_fit is not None else {}),
-        "device": str(device),
-    }
+    dist, device = _check_options(obs_dist, method, null_fit), resolve_device(use_gpu)
+    Xs, cs, s, n_vars, tested = steps.read_inputs(adata, layer, spatial_key, sizefactors, dist)
+    kernels, names, mode = _resolve_kernels(kernel_space, cs, method, exact_max_spots)
+    mem = _memory_plan(kernels, names, cs, tested.size, mode, tol, sparse_tol, omnibus, chunk_size, max_memory, device)
+    gc = steps.GeneChunks(Xs, s, tested, mem.chunk_size, dist, device)
+    null, null_hit = _null_model(gc, null_fit, use_cache, _null_fit, n_vars)
+    B1, B2, basis_residual = steps.weight_bases(gc) if gc.g else (None, None, 0.0)
+    source = _KernelSource(cs, kernels, mem, mode, tol, sparse_tol, device, use_cache)
+    stats, reps = steps.kernel_statistics(gc, B1, B2, source.get, names, omnibus, mem.all_at_once, progress)
+    source.dist_cache = None
+    pvals = steps.combine_pvalues(*stats, omnibus, len(kernels), n_vars, tested, n_svg)
+    res = steps.write_results(adata, key_added, pvals, stats, ["omnibus"] if omnibus else names, n_vars, gc, null)
+    adata.uns[key_added] = _run_record(
+        (layer, spatial_key, dist, omnibus, sizefactors, n_svg, mode, tol, sparse_tol, use_gpu, null_fit), names,
+        kernels, reps, gc, pvals, null, basis_residual, source.hits, null_hit, _null_fit is not None, device)
     return res
