@@ -8,17 +8,13 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 
 import expkit as ek
+from _layers import ari, read_dlpfc_layers
 from expkit.errors import ExpkitError, InputError, KeyNotFoundError, ResourceError
 from expkit.kernels import deepst as dk
 from expkit.spatial import deepst_data as dd
 from expkit.spatial.deepst import search_leiden, spatial_detect_domains_deepst
 
 FAST = dict(pre_epochs=30, epochs=20)
-
-
-def _ari(truth, labels):
-    ok = pd.notna(truth)
-    return adjusted_rand_score(truth[ok], np.asarray(labels)[ok])
 
 
 @pytest.fixture(scope="module")
@@ -192,14 +188,7 @@ def test_joint_error_names_the_sample_with_the_missing_image(demo_expm):
 # ------------------------------------------------------------------------------------------ real data, full runs
 @pytest.fixture(scope="module")
 def dlpfc(shared_data):
-    from expkit.io import read_visium
-
-    out = {}
-    for sid in ("151673", "151674"):
-        ad = read_visium(shared_data / "dlpfc" / sid, sample=sid)
-        t = pd.read_csv(shared_data / "dlpfc" / sid / f"{sid}_truth.txt", sep="\t", header=None, index_col=0)[1]
-        out[sid] = (ad, t.reindex(ad.obs["barcode"].to_numpy()).to_numpy())
-    return out
+    return {sid: read_dlpfc_layers(shared_data, sid) for sid in ("151673",)}
 
 
 def test_deepst_finds_the_cortical_layers(dlpfc):
@@ -208,7 +197,7 @@ def test_deepst_finds_the_cortical_layers(dlpfc):
     ad, truth = dlpfc["151673"]
     ad = ad.copy()
     spatial_detect_domains_deepst(ad, n_domains=7, layer=None, seed=0)
-    assert _ari(truth, ad.obs["deepst.refined"]) > 0.47
+    assert ari(truth, ad.obs["deepst.refined"]) > 0.47
 
 
 @pytest.mark.gpu

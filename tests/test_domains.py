@@ -3,8 +3,8 @@
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import adjusted_rand_score
 
+from _layers import ari, read_dlpfc_layers
 from expkit.errors import InputError, KeyNotFoundError
 from expkit.kernels import gcn
 
@@ -31,22 +31,14 @@ def spagcn_protocol(adata):
 
 
 def _read(shared_data, sid):
-    from expkit.io import read_visium
-
-    folder = shared_data / "dlpfc" / sid
-    adata = spagcn_protocol(read_visium(folder, sample=sid))
-    truth = pd.read_csv(folder / f"{sid}_truth.txt", sep="\t", header=None, index_col=0)[1]
-    return adata, truth.reindex(adata.obs["barcode"].to_numpy()).to_numpy()
+    adata, truth = read_dlpfc_layers(shared_data, sid)
+    return spagcn_protocol(adata), truth
 
 
 @pytest.fixture(scope="module")
 def dlpfc(shared_data):
     return {sid: _read(shared_data, sid) for sid in SECTIONS}
 
-
-def _ari(truth, labels):
-    ok = pd.notna(truth)
-    return adjusted_rand_score(truth[ok], np.asarray(labels)[ok])
 
 
 def _reference(shared_reference, sid, seed, adata):
@@ -68,7 +60,7 @@ def test_refine_reproduces_spagcn(dlpfc, shared_reference, sid, seed):
     # SpaGCN sorts array-coordinate distances with an unstable sort: 4 spots tie at distance 2 and it keeps
     # 2 of them; we use the 6 true hexagon neighbours. The rule itself is the same.
     assert agree > 0.98, (agree, changed_by_spagcn)
-    assert np.isclose(_ari(ref["truth"].to_numpy(), ours), _ari(ref["truth"].to_numpy(), ref["refined_pred"]),
+    assert np.isclose(ari(ref["truth"].to_numpy(), ours), ari(ref["truth"].to_numpy(), ref["refined_pred"]),
                       atol=0.01)
 
 
@@ -112,7 +104,7 @@ def test_domains_ari_vs_reference(dlpfc, sid):
     assert list(ad.obs["spagcn.refined"].cat.categories) == [str(i) for i in range(7)]
     assert ad.uns["spagcn"]["params"]["seed"] == 0 and "version" in ad.uns["spagcn"]
     assert abs(ad.uns["spagcn"]["l"] - 62.0) < 0.5
-    raw, refined = _ari(truth, ad.obs["spagcn.domain"]), _ari(truth, ad.obs["spagcn.refined"])
+    raw, refined = ari(truth, ad.obs["spagcn.domain"]), ari(truth, ad.obs["spagcn.refined"])
     print(f"{sid} seed 0: ARI raw {raw:.3f} refined {refined:.3f} (SpaGCN seed 100: {REF_ARI[sid]})")
     assert refined >= REF_ARI[sid] - 0.02  # seeds 0-4 in benchmarks/domains.py: median above the reference
     if sid == "151673":  # same seed, same labels
@@ -134,7 +126,7 @@ def test_domains_kmeans_histology_and_keys(dlpfc, tmp_path):
     assert out["n_domains"] == 7 and out["l"] > 62.5  # the colour axis spreads the spots: a larger l
     z = __import__("expkit.spatial.domains", fromlist=["x"]).histology_coordinate(ad)
     assert np.isfinite(z).all() and z.std() > 0
-    assert _ari(truth, ad.obs["dom"]) > 0.2
+    assert ari(truth, ad.obs["dom"]) > 0.2
     del ad.uns["spatial"]  # the results round-trip through h5ad
     ad.write_h5ad(tmp_path / "d.h5ad")
     back = __import__("anndata").read_h5ad(tmp_path / "d.h5ad")
@@ -165,7 +157,7 @@ def test_integrate_two_sections(dlpfc):
         ad = data[sid]
         assert abs(out[sid]["l"] - 62.0) < 1.0
         assert list(ad.obs["integrated"].cat.categories) == [str(i) for i in range(7)]
-        aris[sid] = _ari(dlpfc[sid][1], ad.obs["integrated.refined"])
+        aris[sid] = ari(dlpfc[sid][1], ad.obs["integrated.refined"])
     print("integrated ARI per section:", aris)
     assert min(aris.values()) > 0.35
     # labels mean the same in both sections: white matter (WM) is one domain in each
@@ -203,7 +195,7 @@ def test_domains_gpu_close_to_cpu(dlpfc):
     ad = adata.copy()
     out = spatial_detect_domains_spagcn(ad, seed=0, use_gpu=True)
     assert out["n_domains"] == 7
-    assert _ari(truth, ad.obs["spagcn.refined"]) >= REF_ARI["151673"] - 0.05
+    assert ari(truth, ad.obs["spagcn.refined"]) >= REF_ARI["151673"] - 0.05
 
 
 def test_through_the_dispatcher(tmp_path):

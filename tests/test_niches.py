@@ -8,6 +8,7 @@ import scipy.sparse as sp
 import torch
 from sklearn.metrics import adjusted_rand_score
 
+from _layers import ari, read_dlpfc_layers
 from expkit.errors import InputError, KeyNotFoundError
 from expkit.kernels import niches as kn
 from expkit.spatial.niches import _neighbour_blocks, spatial_domains, spatial_filter_islands
@@ -19,23 +20,9 @@ ARI_FLOOR = {"151673": 0.54, "151674": 0.55}
 JOINT_FLOOR = {"151673": 0.52, "151674": 0.55}
 
 
-def _read(shared_data, sid):
-    from expkit.io import read_visium
-
-    folder = shared_data / "dlpfc" / sid
-    adata = read_visium(folder, sample=sid, load_images=False)
-    truth = pd.read_csv(folder / f"{sid}_truth.txt", sep="\t", header=None, index_col=0)[1]
-    return adata, truth.reindex(adata.obs["barcode"].to_numpy()).to_numpy()
-
-
 @pytest.fixture(scope="module")
 def dlpfc(shared_data):
-    return {sid: _read(shared_data, sid) for sid in SECTIONS}
-
-
-def _ari(truth, labels):
-    ok = pd.notna(truth)
-    return adjusted_rand_score(truth[ok], np.asarray(labels)[ok])
+    return {sid: read_dlpfc_layers(shared_data, sid, load_images=False) for sid in SECTIONS}
 
 
 def _nested(fine, coarse) -> bool:
@@ -49,8 +36,8 @@ def test_dlpfc_ari_single(dlpfc, sid):
     adata, truth = dlpfc[sid]
     a = adata.copy()
     out = spatial_domains(a, resolutions=7, seed=0)
-    ari = _ari(truth, a.obs["niche.7"])
-    assert ari > ARI_FLOOR[sid], ari
+    score = ari(truth, a.obs["niche.7"])
+    assert score > ARI_FLOOR[sid], score
     assert list(a.obs["niche.7"].cat.categories) == [str(i) for i in range(7)]
     params = a.uns["niche"]["params"]
     assert params["resolutions"] == [7] and all(v is not None for v in params.values())
@@ -82,7 +69,7 @@ def test_joint_labels_consistent(dlpfc):
     for sid in SECTIONS:
         truth = dlpfc[sid][1]
         lab = adatas[sid].obs["niche.7"]
-        assert _ari(truth, lab) > JOINT_FLOOR[sid], (sid, _ari(truth, lab))
+        assert ari(truth, lab) > JOINT_FLOOR[sid], (sid, ari(truth, lab))
         assert min(out["counts"][7][sid]) > 100  # every domain present in both sections
         assert _nested(lab, adatas[sid].obs["niche.3"])
     # the same domain is the same layer in both: the majority label of white matter matches
@@ -124,7 +111,7 @@ def test_single_anndata_and_lognorm_on_the_fly():
     out = spatial_domains(a, resolutions=(2, 3), seed=0, agf=0.2, key_added="dom")
     assert set(out["counts"][3]) == {"a"}
     left = a.obsm["spatial"][:, 0] < 50
-    assert _ari(left.astype(int), a.obs["dom.2"].to_numpy()) > 0.8
+    assert ari(left.astype(int), a.obs["dom.2"].to_numpy()) > 0.8
     assert a.uns["dom"]["params"]["agf"] == 0.2
 
 
@@ -197,4 +184,4 @@ def test_cpu_cuda_agree(dlpfc):
     spatial_domains(a, resolutions=[3, 7], seed=0)
     spatial_domains(b, resolutions=[3, 7], seed=0, use_gpu=True)
     assert adjusted_rand_score(a.obs["niche.7"], b.obs["niche.7"]) > 0.95
-    assert abs(_ari(truth, a.obs["niche.7"]) - _ari(truth, b.obs["niche.7"])) < 0.02
+    assert abs(ari(truth, a.obs["niche.7"]) - ari(truth, b.obs["niche.7"])) < 0.02
