@@ -59,7 +59,8 @@ def run(modality: "Modality", func: Callable, run_on_samples=True, *, kind: str 
     name = name or getattr(func, "__name__", "method")
     targets = resolve_samples(run_on_samples, modality.samples, modality=modality.name)
     adatas = modality._load_many(targets)
-    accepts_store = "image_store" in inspect.signature(func).parameters and "image_store" not in kwargs
+    params = inspect.signature(func).parameters
+    accepts_store = "image_store" in params and "image_store" not in kwargs
 
     if kind in ("joint", "joint-read"):
         data = {_label(s): a for s, a in zip(targets, adatas)}
@@ -68,7 +69,7 @@ def run(modality: "Modality", func: Callable, run_on_samples=True, *, kind: str 
         # a joint method that also writes to the integrated data gets it when it exists
         integrated = None
         if (kind == "joint" and None not in targets and "integrated" not in kwargs
-                and "integrated" in inspect.signature(func).parameters):
+                and "integrated" in params):
             integrated = modality._integrated_or_none()
             if integrated is not None:
                 kwargs["integrated"] = integrated

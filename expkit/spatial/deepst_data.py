@@ -8,23 +8,21 @@ from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-from scipy.spatial import cKDTree
+import torch
 
 from .._logging import logger
 from ..errors import InputError, KeyNotFoundError
 from ..kernels import gcn
+from ..kernels import spatial_graph as _sg
+from . import _images
+from .domains import median_log1p
 
 __all__ = ["spatial_knn_graph", "augment_weights", "augment_counts", "model_features", "morphology"]
 
 
 def sample_name(adata, fallback: str = "this AnnData") -> str:
-    """The sample an AnnData holds (obs['sample'], else its single uns['spatial'] entry) for messages."""
-    if "sample" in adata.obs and adata.n_obs:
-        return str(adata.obs["sample"].iloc[0])
-    spatial = adata.uns.get("spatial")
-    if isinstance(spatial, dict) and len(spatial) == 1:
-        return str(next(iter(spatial)))
-    return fallback
+    """The sample an AnnData holds, for messages (see :func:`expkit.spatial._images.sample_name`)."""
+    return _images.sample_name(adata, None, None) or fallback
 
 
 def counts_matrix(adata, layer: str | None) -> sp.csr_matrix:
@@ -47,18 +45,10 @@ def coords(adata) -> np.ndarray:
 
 
 def _knn(xy: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k nearest other spots of every spot (n x k indices and distances)."""
-    k = min(k, len(xy) - 1)
-    if k < 1:
+    """The k nearest other spots of every spot (n x k indices and distances; k-d tree on the CPU)."""
+    if len(xy) < 2:
         raise InputError(f"DeepST needs at least 2 spots, got {len(xy)}")
-    d, idx = cKDTree(xy).query(xy, k=k + 1)
-    # drop self (first unless positions repeat)
-    is_self = idx == np.arange(len(xy))[:, None]
-    has = is_self.any(1)
-    drop = np.where(has, is_self.argmax(1), k)
-    keep = np.ones_like(idx, dtype=bool)
-    keep[np.arange(len(xy)), drop] = False
-    return idx[keep].reshape(len(xy), k), d[keep].reshape(len(xy), k)
+    return _sg.knn(xy, k, torch.device("cpu"))
 
 
 def spatial_knn_graph(xy: np.ndarray, k: int = 12) -> sp.csr_matrix:
@@ -112,11 +102,7 @@ def augment_counts(counts: sp.csr_matrix, weights: sp.csr_matrix, adjacent_weigh
 
 def lognorm_pcs(counts: sp.csr_matrix, n_comps: int, *, seed: int, device=None) -> np.ndarray:
     """PCA scores of log1p(counts scaled to the median total): the expression used for the correlations."""
-    tot = np.asarray(counts.sum(1)).ravel()
-    scale = np.where(tot > 0, np.median(tot[tot > 0]) / np.maximum(tot, 1e-12), 0.0).astype(np.float32)
-    x = sp.diags(scale) @ counts
-    x.data = np.log1p(x.data)
-    return gcn.pca(x.tocsr(), n_comps, seed=seed, device=device)
+    return gcn.pca(median_log1p(counts), n_comps, seed=seed, device=device)
 
 
 def model_features(augmented: sp.csr_matrix, n_comps: int, *, target_sum: float | None, seed: int,

@@ -39,12 +39,19 @@ def _lognorm(adata, layer: str | None):
     if layer != "lognorm":
         raise KeyNotFoundError(f"layer {layer!r} not found; available: {list(adata.layers)}")
     counts = adata.layers["counts"] if "counts" in adata.layers else adata.X
+    logger.info("layer 'lognorm' absent: using log1p(counts scaled to the median total) computed on the fly")
+    return median_log1p(counts)
+
+
+def median_log1p(counts) -> sp.csr_matrix:
+    """log1p of the counts with every row scaled to the median of the non-zero row totals (float32 CSR; empty
+    rows stay zero): the on-the-fly log-normalisation of the domain methods."""
     counts = sp.csr_matrix(counts, dtype=np.float32)
     tot = np.asarray(counts.sum(1)).ravel()
-    scale = np.where(tot > 0, np.median(tot[tot > 0]) / np.maximum(tot, 1e-12), 0.0).astype(np.float32)
+    med = np.median(tot[tot > 0]) if (tot > 0).any() else 1.0
+    scale = np.where(tot > 0, med / np.maximum(tot, 1e-12), 0.0).astype(np.float32)
     x = sp.diags(scale) @ counts
     x.data = np.log1p(x.data)
-    logger.info("layer 'lognorm' absent: using log1p(counts scaled to the median total) computed on the fly")
     return x.tocsr()
 
 

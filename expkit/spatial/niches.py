@@ -21,6 +21,8 @@ from ..kernels import spatial_graph as _sg
 from ..kernels.device import resolve_device
 from ..kernels.linalg import pca, scale_sparse
 from ..kernels.stats import mean_var
+from .domains import _shared_genes as shared_genes
+from .domains import median_log1p
 
 __all__ = ["spatial_domains", "spatial_filter_islands"]
 
@@ -47,12 +49,7 @@ def _lognorm(adata, layer, sample):
         return sp.csr_matrix(adata.layers[layer], dtype=np.float32)
     if layer != "lognorm":
         raise KeyNotFoundError(f"sample {sample!r}: layer {layer!r} not found; available: {list(adata.layers)}")
-    counts = sp.csr_matrix(adata.layers["counts"] if "counts" in adata.layers else adata.X, dtype=np.float32)
-    tot = np.asarray(counts.sum(1)).ravel()
-    med = np.median(tot[tot > 0]) if (tot > 0).any() else 1.0
-    x = sp.diags(np.where(tot > 0, med / np.maximum(tot, 1e-12), 0.0).astype(np.float32)) @ counts
-    x.data = np.log1p(x.data)
-    return x.tocsr()
+    return median_log1p(adata.layers["counts"] if "counts" in adata.layers else adata.X)
 
 
 def _coords(adata, sample) -> np.ndarray:
@@ -82,11 +79,7 @@ def _resolutions(resolutions, n_cells: int) -> list:
 
 
 def _shared_genes(adatas: dict) -> list:
-    items = list(adatas.values())
-    genes = list(items[0].var_names)
-    for ad in items[1:]:
-        present = set(ad.var_names)
-        genes = [g for g in genes if g in present]
+    genes = shared_genes(list(adatas.values()))
     if not genes:
         raise InputError(f"samples {list(adatas)} share no genes")
     return genes
