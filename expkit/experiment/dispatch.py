@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .modality import Modality
 
 INTEGRATED = "integrated"
-KINDS = ("sample", "read", "replace", "joint", "joint-read")
+KINDS = ("sample", "read", "replace", "derive", "joint", "joint-read")
 
 
 def resolve_samples(run_on_samples, available: list[str], *, modality: str) -> list[str | None]:
@@ -50,7 +50,8 @@ def run(modality: "Modality", func: Callable, run_on_samples=True, *, kind: str 
     kind "sample": ``func(adata, **kwargs)`` per sample, the sample marked changed; "read": the same, nothing
     marked; "replace": ``func`` returns a new AnnData that replaces the sample; "joint": ``func({sample:
     adata}, **kwargs)`` once over all selected samples (marked changed), its return value passed through;
-    "joint-read": the same, nothing marked. The integrated data is keyed ``"integrated"``.
+    "joint-read": the same, nothing marked; "derive": ``func`` returns a new AnnData that becomes the same-named
+    sample of the modality ``func.derived_modality`` (linked to its source in the table's ``derived_from``). The integrated data is keyed ``"integrated"``.
     If a sample fails, the results of the samples before it stay in place (in memory, saved by ``save()``);
     the error says which sample failed.
     """
@@ -58,6 +59,9 @@ def run(modality: "Modality", func: Callable, run_on_samples=True, *, kind: str 
         raise InputError(f"unknown method kind {kind!r}; one of {KINDS}")
     name = name or getattr(func, "__name__", "method")
     targets = resolve_samples(run_on_samples, modality.samples, modality=modality.name)
+    if kind == "derive" and None in targets:
+        raise InputError(f"{name} makes new samples from samples: run it on samples (True or names), "
+                         f"not on the integrated data")
     adatas = modality._load_many(targets)
     params = inspect.signature(func).parameters
     accepts_store = "image_store" in params and "image_store" not in kwargs
@@ -98,6 +102,9 @@ def run(modality: "Modality", func: Callable, run_on_samples=True, *, kind: str 
                                   + (f" (finished samples kept: {done})" if done else "")) from exc
             if kind == "replace":
                 modality._replace(sample, out)
+            elif kind == "derive":  # a new sample of another modality, linked to this one (bins -> cells)
+                modality._mark_changed(sample)
+                out = modality._expm._add_derived(func.derived_modality, sample, modality.name, out)
             elif kind == "sample":
                 modality._mark_changed(sample)
             results[_label(sample)] = out

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
-
+from typing import TYPE_CHECKING, Iterator
 import numpy as np
 import pandas as pd
 
@@ -125,7 +125,8 @@ class Experiment:
             return None
         entry = self._manifest["modalities"].get(modality, {}).get(sample, {})
         if not entry.get("images"):
-            return None
+            source = self._derived_from(modality, sample)  # a derived sample shares its source's images
+            return self._image_store(*source) if source is not None else None
         key = (modality, sample)
         if key not in self._stores:
             from ..io.images import ImageStore
@@ -219,6 +220,38 @@ class Experiment:
         self._changed.add((modality, sample))
         return adata
 
+    def _add_derived(self, modality: str, sample: str, source_modality: str, adata: "AnnData") -> "AnnData":
+        """Add (or replace) sample ``sample`` of ``modality`` made by a method from the same-named sample of
+        ``source_modality`` (e.g. cells from Visium HD bins). The table links it (``derived_from``); its images
+        are the source sample's (shared, never copied); ``adata`` is taken as is (not copied)."""
+        link = f"{source_modality}:{sample}"
+        rows = self._table[(self._table["modality"] == modality) & (self._table["sample"] == sample)]
+        if not rows.empty:
+            if rows.iloc[0].get("derived_from", "") != link:
+                raise InputError(f"modality {modality!r} already has a sample {sample!r} that was not made from "
+                                 f"{link}; remove it first (expm.remove_sample({sample!r}, {modality!r}))")
+            self.remove_sample(sample, modality)
+        src = self._row(source_modality, sample)
+        row = {**{c: "" for c in self._table.columns}, "sample": sample, "modality": modality,
+               "batch": src["batch"], "group": src["group"], "taxa": src["taxa"], "location": "",
+               "derived_from": link}
+        new_table = validate_table(pd.concat([self._table, pd.DataFrame([row])], ignore_index=True).fillna(""),
+                                   source=f"derived sample {sample!r} ({modality})")
+        adata = _prepare(adata, pd.Series(row))
+        self._table = new_table
+        self._adatas[(modality, sample)] = adata
+        self._changed.add((modality, sample))
+        return adata
+
+    def _derived_from(self, modality: str, sample: str) -> tuple[str, str] | None:
+        """(modality, sample) a derived sample was made from, or None."""
+        rows = self._table[(self._table["modality"] == modality) & (self._table["sample"] == sample)]
+        link = str(rows.iloc[0].get("derived_from", "")) if not rows.empty else ""
+        if ":" not in link:
+            return None
+        src_mod, src_sample = link.split(":", 1)
+        return src_mod, src_sample
+
     def remove_sample(self, sample: str, modality: str | None = None) -> None:
         """Remove a sample (its files go at the next ``save()``; raw inputs are never touched)."""
         mask = self._table["sample"] == sample
@@ -254,7 +287,8 @@ class Experiment:
                     rel = store.sample_file(modality, sample)
                     target = folder / rel
                     with store.staged(target) as tmp:
-                        store.write_h5ad(adata, tmp)
+                        with _without_shared_images(adata, sample, self._derived_from(modality, sample)):
+                            store.write_h5ad(adata, tmp)
                         staged.append((tmp, target))
                     entry = dict(mods.get(modality, {}).get(sample, {}))
                     entry.update(file=rel, summary=summarize(adata), saved=store.now())
@@ -303,6 +337,8 @@ class Experiment:
         """Copy the sample's in-memory images into its chunked image store (once; written with the save)."""
         if modality not in SPATIAL_MODALITIES or not adata.uns.get("spatial", {}).get(sample, {}).get("images"):
             return {}
+        if self._derived_from(modality, sample) is not None:
+            return {}  # its images are the source sample's
         rel = store.image_file(modality, sample)
         target = self.path / rel
         if target.is_file():
@@ -365,6 +401,21 @@ class Experiment:
 
 
 # ----------------------------------------------------------------------------------------------- building
+@contextmanager
+def _without_shared_images(adata, sample: str, source) -> Iterator[None]:
+    """A derived sample is written without the in-memory images it shares with its source sample."""
+    entry = (adata.uns.get("spatial") or {}).get(sample) if source is not None else None
+    if not isinstance(entry, dict) or not entry.get("images"):
+        yield
+        return
+    images = entry["images"]
+    entry["images"] = {}
+    try:
+        yield
+    finally:
+        entry["images"] = images
+
+
 def _new_manifest() -> dict:
     return {"format": store.FORMAT_NAME, "format_version": store.FORMAT_VERSION, "expkit_version": __version__,
             "created": store.now(), "modified": store.now(), "modalities": {}, "integrated": None}

@@ -3,7 +3,8 @@
 Each entry: method name on the accessor -> (``"module:function"``, modalities or None for all, kind).
 kind "sample": the function takes one AnnData and is called per sample (or on the integrated data when
 ``run_on_samples=None``); kind "joint": the function takes ``{sample: AnnData}`` and returns
-``{sample: result}`` (methods that model several samples at once).
+``{sample: result}`` (methods that model several samples at once); kind "derive": the function returns a new
+AnnData that becomes a sample of another modality (``func.derived_modality``), e.g. cells made from bins.
 Adding a method to the package is one line here; the dispatcher does the rest.
 """
 from __future__ import annotations
@@ -42,6 +43,8 @@ METHODS: dict[str, tuple[str, tuple[str, ...] | None, str]] = {
     # niches / domains from expression + neighbourhood at several resolutions (nested), island filtering
     "spatial_domains": ("expkit.spatial.niches:spatial_domains", SPATIAL, "joint"),
     "spatial_filter_islands": ("expkit.spatial.niches:spatial_filter_islands", SPATIAL, "sample"),
+    # Visium HD bins -> cells: new samples of spatial-cell, linked to their bins sample
+    "bins_to_cells": ("expkit.spatial.bins_to_cells:bins_to_cells", ("spatial-bin",), "derive"),
     # images: processing into the image store, per-spot image features
     "image_process": ("expkit.spatial.image_process:image_process", SPATIAL, "sample"),
     "image_segment": ("expkit.spatial.image_segment:image_segment", SPATIAL, "sample"),
