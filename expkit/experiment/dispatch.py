@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .modality import Modality
 
 INTEGRATED = "integrated"
-KINDS = ("sample", "read", "replace", "derive", "joint", "joint-read")
+KINDS = ("sample", "read", "replace", "derive", "joint", "joint-read", "table")
 
 
 def resolve_samples(run_on_samples, available: list[str], *, modality: str) -> list[str | None]:
@@ -126,6 +126,15 @@ def bound_method(modality: "Modality", name: str) -> Callable:
         raise AttributeError(f"{name} is not available for modality {modality.name!r} (only {list(mods)})")
     module_name, func_name = target.split(":")
     func = getattr(import_module(module_name), func_name)
+
+    if kind == "table":  # works on a table made by another method (e.g. statistics over samples): no samples
+        @functools.wraps(func)
+        def on_table(table, **kwargs):
+            return func(table, **kwargs)
+
+        on_table.__doc__ = (f"``{name}(table, **kwargs)``: :func:`{module_name}.{func_name}` on a table made by "
+                            f"another method of this modality.\n\n" + (func.__doc__ or ""))
+        return on_table
 
     @functools.wraps(func)
     def method(run_on_samples=True, **kwargs):
