@@ -16,6 +16,7 @@ _LAZY = {
     "Experiment": ("expkit.experiment.experiment", "Experiment"),
     "create_experiment": ("expkit.experiment.experiment", "create_experiment"),
     "load_experiment": ("expkit.experiment.experiment", "load_experiment"),
+    "executor": ("expkit.experiment.executors", "executor"),
     "database": ("expkit.database", None),
     "io": ("expkit.io", None),
     "pp": ("expkit.pp", None),

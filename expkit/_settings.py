@@ -15,12 +15,18 @@ class Settings:
     device    : "auto" (CUDA when ``use_gpu=True`` and available), "cpu" or "cuda"
     seed      : default random seed of every stochastic method (a method's ``seed=`` overrides it)
     progress  : show rich progress bars
+    max_loaded: at most this many samples of a modality in memory during per-sample methods (None: no limit);
+                unchanged samples are unloaded as a loop goes
+    autosave  : with ``max_loaded``, save changed samples when the limit is reached (your consent to the loop
+                writing the folder); otherwise they stay in memory and a warning says so
     """
 
     _verbosity: str = "info"
     _device: str = "auto"
     seed: int = 0
     progress: bool = True
+    max_loaded: int | None = None
+    autosave: bool = False
     _extra: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -52,7 +58,7 @@ class Settings:
 
     def __repr__(self) -> str:
         return (f"Settings(verbosity={self.verbosity!r}, device={self.device!r}, seed={self.seed}, "
-                f"progress={self.progress})")
+                f"progress={self.progress}, max_loaded={self.max_loaded}, autosave={self.autosave})")
 
 
 settings = Settings()

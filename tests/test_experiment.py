@@ -33,6 +33,12 @@ def _hashes(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def _file(folder: Path, modality: str, sample: str) -> Path:
+    """The sample's file, as the manifest names it (a new name per save generation)."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return folder / manifest["modalities"][modality][sample]["file"]
+
+
 def _assert_equal(a, b):
     assert a.shape == b.shape
     assert list(a.obs_names) == list(b.obs_names) and list(a.var_names) == list(b.var_names)
@@ -110,12 +116,13 @@ def test_save_rewrites_only_changed_sample(dlpfc_expm, tmp_path):
     folder = tmp_path / "e"
     shutil.copytree(dlpfc_expm.path, folder)
     expm = ek.load_experiment(folder)
-    f73, f74 = folder / "spatial-bin" / "151673.h5ad", folder / "spatial-bin" / "151674.h5ad"
-    ino73, ino74 = f73.stat().st_ino, f74.stat().st_ino
+    f73, f74 = _file(folder, "spatial-bin", "151673"), _file(folder, "spatial-bin", "151674")
+    ino74 = f74.stat().st_ino
     expm.spatial_bin.run(lambda a: a.obs.__setitem__("flag", 1), "151673")
     expm.save()
     assert f74.stat().st_ino == ino74, "the untouched sample was rewritten"
-    assert f73.stat().st_ino != ino73
+    new73 = _file(folder, "spatial-bin", "151673")
+    assert new73 != f73 and new73.is_file() and not f73.exists(), "the changed sample is a new file, the old one gone"
     assert "flag" in ek.load_experiment(folder).spatial_bin["151673"].obs
 
 
@@ -171,9 +178,9 @@ def test_x_equal_to_a_layer_is_written_once(dlpfc_expm, tmp_path):
     m.log_normalize(run_on_samples=["151673"])  # X becomes a copy of layers["lognorm"]
     m["151674"].X = m["151674"].X * 2  # X equal to no layer: written as it is
     expm.save()
-    with h5py.File(folder / "spatial-bin" / "151673.h5ad", "r") as f:
+    with h5py.File(_file(folder, "spatial-bin", "151673"), "r") as f:
         assert "X" not in f and "lognorm" in f["layers"]
-    with h5py.File(folder / "spatial-bin" / "151674.h5ad", "r") as f:
+    with h5py.File(_file(folder, "spatial-bin", "151674"), "r") as f:
         assert "X" in f
     assert "expkit.X_is_layer" not in m["151673"].uns and m["151673"].X is not None  # the object is unchanged
     again = ek.load_experiment(folder).spatial_bin
@@ -253,10 +260,11 @@ def test_add_and_remove_sample(dlpfc_expm, shared_data, tmp_path):
     folder = tmp_path / "e"
     shutil.copytree(dlpfc_expm.path, folder)
     expm = ek.load_experiment(folder)
+    old = _file(folder, "spatial-bin", "151674")
     expm.remove_sample("151674")
     expm.add_sample("151674b", "spatial-bin", shared_data / "dlpfc" / "151674", batch="b9", taxa="hsa")
     expm.save()
-    assert not (folder / "spatial-bin" / "151674.h5ad").exists()
+    assert not old.exists()
     again = ek.load_experiment(folder)
     assert again.spatial_bin.samples == ["151673", "151674b"]
     assert again.spatial_bin["151674b"].obs_names[0].startswith("151674b:")
@@ -360,7 +368,7 @@ def test_bad_folders(dlpfc_expm, tmp_path):
         ek.load_experiment(tmp_path)
     folder2 = tmp_path / "e2"
     shutil.copytree(dlpfc_expm.path, folder2)
-    (folder2 / "spatial-bin" / "151674.h5ad").write_bytes(b"not hdf5")
+    _file(folder2, "spatial-bin", "151674").write_bytes(b"not hdf5")
     expm = ek.load_experiment(folder2)
     with pytest.raises(FormatError, match="151674"):
         expm.spatial_bin["151674"]

@@ -2,16 +2,16 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
 from .. import __version__
 from .._logging import logger, progress
+from .._settings import settings
 from ..errors import ExpkitError, FormatError, InputError, SampleNotFoundError
-from . import store
+from . import saving, store
 from .modality import Modality
 from .summary import as_html, format_keys, merge_keys, size_text, summarize
 from .table import (MODALITIES, REQUIRED, SPATIAL_MODALITIES, accessor_name, read_table, resolve_location,
@@ -21,7 +21,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from anndata import AnnData
 
 OBS_COLUMNS = ("sample", "batch", "group", "modality", "taxa")
-STALE_TEMPORARY_S = 3600.0  # a temporary file older than this is left by a killed save, not a running one
 
 
 class Experiment:
@@ -40,6 +39,7 @@ class Experiment:
         self._integrated = None
         self._integrated_changed = False
         self._stores: dict[tuple[str, str], object] = {}
+        self._history: list[dict] = []  # method calls since the last save (written with it)
 
     # ---------------------------------------------------------------------------------------- table & access
     @property
@@ -94,6 +94,29 @@ class Experiment:
                     self._load(modality, s)
                     advance(s)
         return [self._integrated_modality(modality) if s is None else self._load(modality, s) for s in samples]
+
+    def _sample_path(self, modality: str, sample: str) -> Path | None:
+        """The sample's file in the folder, when it has been saved."""
+        entry = self._manifest.get("modalities", {}).get(modality, {}).get(sample)
+        path = self.path / entry["file"] if entry and entry.get("file") else None
+        return path if path is not None and path.is_file() else None
+
+    def _evict(self, modality: str, keep: str | None = None) -> None:
+        """Keep at most ``settings.max_loaded`` samples of ``modality`` in memory: unload the oldest clean ones
+        (saving changed ones first when ``settings.autosave``)."""
+        limit = settings.max_loaded
+        loaded = [k for k in self._adatas if k[0] == modality and k[1] != keep]
+        if limit is None or len(loaded) + 1 <= limit:
+            return
+        dirty = [k for k in loaded if k in self._changed]
+        if dirty and settings.autosave and len(loaded) - len(dirty) + 1 <= limit:
+            self.save()
+        excess = len(loaded) + 1 - limit
+        for key in [k for k in loaded if k not in self._changed][:excess]:
+            del self._adatas[key]
+        if len(self._adatas) > limit and not settings.autosave:
+            logger.warning("%d changed samples are in memory (settings.max_loaded = %d): save() them, or set "
+                           "ek.settings.autosave = True to let long loops save as they go", len(self._changed), limit)
 
     def _mark_changed(self, modality: str, sample: str | None) -> None:
         if sample is None:
@@ -265,91 +288,40 @@ class Experiment:
             self._stores.pop((mod, sample), None)
         self._table = self._table[~mask].reset_index(drop=True)
 
+    # ---------------------------------------------------------------------------------------- provenance
+    def _record(self, entry: dict) -> None:
+        self._history.append(entry)
+
+    def _history_pending(self) -> list[dict]:
+        return list(self._history)
+
+    def _history_saved(self) -> None:
+        self._history.clear()
+
+    def history(self, *, raw: bool = False):
+        """Every method call on this experiment: the saved log (``history.jsonl``) and the calls since the last
+        save (``saved`` False). A DataFrame (one row per call: time, method, modality, samples, params, seed,
+        device, seconds, host, versions, status), or the list of dicts with ``raw=True``."""
+        saved = [{**e, "saved": True} for e in saving.read_history(self.path)]
+        entries = saved + [{**e, "saved": False} for e in self._history]
+        if raw:
+            return entries
+        cols = ["time", "method", "modality", "samples", "params", "seed", "device", "seconds", "status", "host",
+                "generation", "saved"]
+        df = pd.DataFrame(entries)
+        return df.reindex(columns=cols + [c for c in df.columns if c not in cols])
+
     # ----------------------------------------------------------------------------------------------- save
     def save(self, path: str | Path | None = None) -> Path:
-        """Write what changed since the last save (atomic: the previous state stays loadable if this dies).
+        """Write what changed since the last save, as one atomic commit (:mod:`expkit.experiment.saving`:
+        killed at any point, the folder is as it was before or as it is after; one writer at a time).
 
-        Rewrites the samples you accessed or ran methods on, the integrated data when it changed, the table
-        and the manifest (last). ``path`` saves a full copy to a new folder instead.
+        Writes the samples you accessed or ran methods on, the integrated data when it changed, the table, the
+        history of the method calls, and the manifest (the commit). ``path`` saves a full copy to a new folder.
         """
         if path is not None and Path(path).resolve() != self.path.resolve():
             return self._save_copy(Path(path))
-        folder = self.path
-        folder.mkdir(parents=True, exist_ok=True)
-        manifest = dict(self._manifest)
-        mods = {m: dict(v) for m, v in manifest.get("modalities", {}).items()}
-        staged: list[tuple[Path, Path]] = []
-        try:
-            todo = sorted(self._changed)
-            with progress(len(todo), "saving") as advance:
-                for modality, sample in todo:
-                    adata = self._adatas[(modality, sample)]
-                    rel = store.sample_file(modality, sample)
-                    target = folder / rel
-                    with store.staged(target) as tmp:
-                        with _without_shared_images(adata, sample, self._derived_from(modality, sample)):
-                            store.write_h5ad(adata, tmp)
-                        staged.append((tmp, target))
-                    entry = dict(mods.get(modality, {}).get(sample, {}))
-                    entry.update(file=rel, summary=summarize(adata), saved=store.now())
-                    entry.update(self._stage_images(modality, sample, adata, staged))
-                    mods.setdefault(modality, {})[sample] = entry
-                    advance(sample)
-            if self._integrated is not None and self._integrated_changed:
-                target = folder / store.INTEGRATED
-                with store.staged(target) as tmp:
-                    store.write_h5mu(self._integrated, tmp)
-                    staged.append((tmp, target))
-                manifest["integrated"] = {"file": store.INTEGRATED, "saved": store.now(), "stale": False,
-                                          "summary": {m: summarize(a) for m, a in self._integrated.mod.items()}}
-            elif self._changed and manifest.get("integrated"):
-                manifest["integrated"] = {**manifest["integrated"], "stale": True}
-        except BaseException:
-            for tmp, _ in staged:
-                tmp.unlink(missing_ok=True)
-            raise
-        # every file is complete: put them in place, then the table, then the manifest
-        for tmp, target in staged:
-            os.replace(tmp, target)
-        present = {(m, s) for m, s in zip(self._table["modality"], self._table["sample"])}
-        removed = [(m, s) for m in mods for s in list(mods[m]) if (m, s) not in present]
-        for m, s in removed:
-            mods[m].pop(s)
-        mods = {m: v for m, v in mods.items() if v}
-        manifest.update(modalities=mods, expkit_version=__version__, modified=store.now())
-        store.write_text_atomic(folder / store.TABLE, self._table.to_csv(sep="\t", index=False))
-        store.write_json_atomic(folder / store.MANIFEST, manifest)
-        for m, s in removed:
-            store.remove_quietly(folder / store.sample_file(m, s))
-            store.remove_quietly(folder / store.image_file(m, s))
-        stale = store.leftover_temporaries(folder, older_than=STALE_TEMPORARY_S)
-        for tmp in stale:  # left by a save that was killed: never referenced by the manifest
-            tmp.unlink(missing_ok=True)
-        if stale:
-            logger.info("removed %d temporary file(s) left by an interrupted save", len(stale))
-        self._manifest = manifest
-        self._changed.clear()
-        self._integrated_changed = False
-        logger.info("saved experiment %s (%d sample file(s) written)", folder, len(todo))
-        return folder
-
-    def _stage_images(self, modality: str, sample: str, adata, staged: list) -> dict:
-        """Copy the sample's in-memory images into its chunked image store (once; written with the save)."""
-        if modality not in SPATIAL_MODALITIES or not adata.uns.get("spatial", {}).get(sample, {}).get("images"):
-            return {}
-        if self._derived_from(modality, sample) is not None:
-            return {}  # its images are the source sample's
-        rel = store.image_file(modality, sample)
-        target = self.path / rel
-        if target.is_file():
-            return {"images": rel}
-        from ..io.images import ImageStore
-
-        with store.staged(target) as tmp:
-            tmp.unlink()
-            ImageStore(tmp).fill_from_uns(adata, sample)
-            staged.append((tmp, target))
-        return {"images": rel}
+        return saving.save(self)
 
     def _save_copy(self, path: Path) -> Path:
         if path.exists() and any(path.iterdir()):
@@ -401,24 +373,9 @@ class Experiment:
 
 
 # ----------------------------------------------------------------------------------------------- building
-@contextmanager
-def _without_shared_images(adata, sample: str, source) -> Iterator[None]:
-    """A derived sample is written without the in-memory images it shares with its source sample."""
-    entry = (adata.uns.get("spatial") or {}).get(sample) if source is not None else None
-    if not isinstance(entry, dict) or not entry.get("images"):
-        yield
-        return
-    images = entry["images"]
-    entry["images"] = {}
-    try:
-        yield
-    finally:
-        entry["images"] = images
-
-
 def _new_manifest() -> dict:
     return {"format": store.FORMAT_NAME, "format_version": store.FORMAT_VERSION, "expkit_version": __version__,
-            "created": store.now(), "modified": store.now(), "modalities": {}, "integrated": None}
+            "created": store.now(), "modified": store.now(), "generation": 0, "modalities": {}, "integrated": None}
 
 
 def _prepare(adata: "AnnData", row: pd.Series) -> "AnnData":
@@ -547,13 +504,20 @@ def load_experiment(path: str | Path) -> Experiment:
     """Open an experiment folder. Only the manifest and the sample table are read; samples load on access."""
     path = Path(path)
     manifest = store.read_manifest(path)
-    table_path = path / store.TABLE
-    if not table_path.is_file():
-        raise FormatError(f"{str(path)!r}: the sample table {store.TABLE} is missing")
+    if isinstance(manifest.get("table"), list):  # format 3: the table is committed with the manifest
+        table = pd.DataFrame(manifest["table"]).astype(str)
+    else:
+        table_path = path / store.TABLE
+        if not table_path.is_file():
+            raise FormatError(f"{str(path)!r}: the sample table {store.TABLE} is missing")
+        try:
+            table = pd.read_csv(table_path, sep="\t", dtype=str, keep_default_na=False)
+        except Exception as exc:
+            raise FormatError(f"{str(table_path)!r} cannot be read: {exc}") from exc
     try:
-        table = pd.read_csv(table_path, sep="\t", dtype=str, keep_default_na=False)
-    except Exception as exc:
-        raise FormatError(f"{str(table_path)!r} cannot be read: {exc}") from exc
+        saving.repair_history(path, manifest)
+    except OSError as exc:  # a read-only copy of a folder: the log is repaired by the next save
+        logger.debug("history of %s not repaired: %s", path, exc)
     stale = store.leftover_temporaries(path)
     if stale:
         logger.warning("%s holds %d temporary file(s) of an interrupted save (%s...); they are not part of the "

@@ -2,14 +2,15 @@
 
 Layout (all paths relative to the folder, so a copied folder loads identically)::
 
-    manifest.json               format version, package version, modalities, samples, cached summaries
-    samples.tsv                 the sample table
-    <modality>/<sample>.h5ad    one AnnData per sample
+    manifest.json               format version, package version, generation, the sample table, samples, summaries
+    samples.tsv                 the sample table (a readable copy; the manifest's is the one read)
+    history.jsonl               the provenance log: one JSON line per method call, appended at each save
+    <modality>/<sample>.g<N>.h5ad    one AnnData per sample, written by the save of generation N
     images/<modality>/<sample>.h5   the sample's images (chunked HDF5), when it has any
-    integrated.h5mu             the integrated MuData (one AnnData per modality), after merge()
+    integrated.g<N>.h5mu        the integrated MuData (one AnnData per modality), after merge()
 
-Writes are atomic: each file is written to a temporary name in its folder and renamed over the old one
-only after every file of the save is complete; the manifest is replaced last.
+Saves are atomic (see :mod:`expkit.experiment.saving`): new files under new names, then the manifest replaced
+in one rename, then the previous generation's files removed.
 """
 from __future__ import annotations
 
@@ -24,19 +25,29 @@ from pathlib import Path
 from ..errors import FormatError
 
 FORMAT_NAME = "expkit-experiment"
-FORMAT_VERSION = 2  # 2: a sample file may omit X when X equals one of its layers (uns[X_IS_LAYER] names it)
+# 2: a sample file may omit X when X equals one of its layers (uns[X_IS_LAYER] names it)
+# 3: the manifest holds the sample table and the save generation; files are named per generation
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 TABLE = "samples.tsv"
+HISTORY = "history.jsonl"
 INTEGRATED = "integrated.h5mu"
 
 # Migrations from older format versions: {old_version: function(manifest dict) -> manifest of old_version + 1}.
 # 1 -> 2: nothing to rewrite (format-1 sample files store X; format 2 reads both).
-MIGRATIONS: dict[int, callable] = {1: lambda manifest: {**manifest, "format_version": 2}}
+# 2 -> 3: nothing to rewrite (the table is read from samples.tsv until the next save puts it in the manifest).
+MIGRATIONS: dict[int, callable] = {1: lambda manifest: {**manifest, "format_version": 2},
+                                   2: lambda manifest: {**manifest, "format_version": 3, "generation": 0}}
 X_IS_LAYER = "expkit.X_is_layer"
 
 
-def sample_file(modality: str, sample: str) -> str:
-    return f"{modality}/{sample}.h5ad"
+def sample_file(modality: str, sample: str, generation: int | None = None) -> str:
+    """``<modality>/<sample>.h5ad``, or with a save generation ``<modality>/<sample>.g<N>.h5ad``."""
+    return f"{modality}/{sample}.h5ad" if generation is None else f"{modality}/{sample}.g{int(generation)}.h5ad"
+
+
+def integrated_file(generation: int) -> str:
+    return f"integrated.g{int(generation)}.h5mu"
 
 
 def image_file(modality: str, sample: str) -> str:
@@ -119,6 +130,15 @@ def write_json_atomic(path: Path, obj: dict) -> None:
         tmp.write_text(json.dumps(obj, indent=1, sort_keys=False, default=str) + "\n")
         fsync_file(tmp)
         os.replace(tmp, path)
+
+
+def append_lines_atomic(path: Path, lines: list[str]) -> None:
+    """Append lines to a text file by writing old + new to a temporary and renaming it: a reader sees the
+    file before or after, never a torn line."""
+    old = path.read_text() if path.is_file() else ""
+    if old and not old.endswith("\n"):
+        old += "\n"
+    write_text_atomic(path, old + "".join(line.rstrip("\n") + "\n" for line in lines))
 
 
 def write_text_atomic(path: Path, text: str) -> None:
