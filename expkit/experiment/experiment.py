@@ -118,6 +118,14 @@ class Experiment:
             logger.warning("%d changed samples are in memory (settings.max_loaded = %d): save() them, or set "
                            "ek.settings.autosave = True to let long loops save as they go", len(self._changed), limit)
 
+    def unload(self, modality: str | None = None) -> int:
+        """Drop the unchanged samples (of ``modality``, or all) from memory; they load again on access.
+        Returns how many were dropped (changed ones stay until ``save()``)."""
+        keys = [k for k in self._adatas if (modality is None or k[0] == modality) and k not in self._changed]
+        for k in keys:
+            del self._adatas[k]
+        return len(keys)
+
     def _mark_changed(self, modality: str, sample: str | None) -> None:
         if sample is None:
             self._integrated_changed = True
