@@ -122,6 +122,8 @@ def read_wide_counts(path: Path, sample, id_columns: Sequence[str], what: str,
                                  chunksize=max(500, _CHUNK_VALUES // len(cols)),
                                  keep_default_na=True)
             for chunk in reader:
+                if chunk.empty:  # a header-only file yields one empty chunk
+                    continue
                 block = chunk[genes]
                 for g, dt in zip(genes, block.dtypes):
                     if not pd.api.types.is_numeric_dtype(dt):
@@ -170,6 +172,8 @@ def read_cell_table(path: Path, sample, what: str, id_dtypes: dict) -> pd.DataFr
     try:
         with open_text(path, sample) as fh:
             return pd.read_csv(fh, engine="c", dtype=id_dtypes, low_memory=False)
+    except ReaderError:
+        raise
     except pd.errors.EmptyDataError:
         raise fail(sample, path, f"{what} is empty") from None
     except (pd.errors.ParserError, ValueError, UnicodeDecodeError, OSError, EOFError) as exc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -84,7 +85,10 @@ def is_gzip(path: Path) -> bool:
 
 @contextmanager
 def open_text(path: Path, sample: str | None) -> Iterator[io.TextIOBase]:
-    """Open a (possibly gzipped) text file read-only, decompressing in memory only."""
+    """Open a (possibly gzipped) text file read-only, decompressing in memory only.
+
+    A corrupt or truncated gzip stream, a read error or text that is not UTF-8, met while the caller
+    reads, becomes a ReaderError naming the file."""
     try:
         if is_gzip(path):
             fh = io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
@@ -94,6 +98,9 @@ def open_text(path: Path, sample: str | None) -> Iterator[io.TextIOBase]:
         raise fail(sample, path, f"cannot be opened: {exc}") from exc
     try:
         yield fh
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
+        raise fail(sample, path, f"cannot be read (corrupt or truncated file, or text that is not "
+                                 f"UTF-8?): {exc}") from exc
     finally:
         fh.close()
 
@@ -109,17 +116,50 @@ def first_line(path: Path, sample: str | None) -> str:
 
 @contextmanager
 def open_h5(path: Path, sample: str | None):
-    """Open an HDF5 file read-only; a corrupt or truncated file becomes a ReaderError."""
+    """Open an HDF5 file read-only, its declared dataset sizes checked (:func:`check_h5_sizes`); a
+    corrupt or truncated file becomes a ReaderError."""
     path = require_file(path, sample, "HDF5 file")
     fh = open_h5_file(path, sample)
     try:
+        check_h5_sizes(fh, sample, path)
         yield fh
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
         if isinstance(exc, ReaderError):
             raise
         raise fail(sample, path, f"HDF5 content cannot be read (corrupt or truncated?): {exc}") from exc
     finally:
         fh.close()
+
+
+#: a dataset may declare more bytes than it stores (compression, unwritten chunks) by at most this
+#: factor (deflate cannot exceed ~1032:1) ...
+_H5_RATIO = 2000
+#: ... unless it declares less than this (reading it is harmless whatever it stores)
+_H5_FLOOR = 256 << 20
+
+
+def check_h5_sizes(fh, sample: str | None, path: Path) -> None:
+    """Refuse, before anything is read, an HDF5 dataset whose declared size its stored bytes cannot
+    hold (e.g. a corrupt header claiming 10^12 entries), or that claims more storage than the file."""
+    import h5py
+
+    file_size = Path(path).stat().st_size
+    bad: list[str] = []
+
+    def visit(name, obj):
+        if bad or not isinstance(obj, h5py.Dataset):
+            return
+        declared = int(np.prod(obj.shape, dtype=np.float64) * obj.dtype.itemsize) if obj.shape else 0
+        stored = int(obj.id.get_storage_size())
+        if declared > _H5_FLOOR and declared > _H5_RATIO * stored:
+            bad.append(f"dataset '/{name}' declares shape {obj.shape} ({declared / 2**30:.3g} GiB) but "
+                       f"stores {stored} bytes")
+        elif stored > file_size:
+            bad.append(f"dataset '/{name}' claims {stored} bytes of storage in a file of {file_size}")
+
+    fh.visititems(visit)
+    if bad:
+        raise fail(sample, path, f"corrupt HDF5 file: {bad[0]}; refused before reading")
 
 
 def open_h5_file(path: Path, sample: str | None):

@@ -26,7 +26,8 @@ def _cell_names(fov: pd.Series, cell_id: pd.Series, sample, path, what: str) -> 
     out = []
     for col, vals in (("fov", fov), ("cell_ID", cell_id)):
         num = pd.to_numeric(vals, errors="coerce")
-        bad = num.isna() | (num != np.round(num))
+        f = num.to_numpy(dtype=np.float64)
+        bad = ~np.isfinite(f) | (f != np.round(f)) | (np.abs(f) > 2.0**62)
         if bad.any():
             raise fail(sample, path, f"column {col!r} of the {what} has {int(bad.sum())} values that "
                                      f"are not whole numbers (e.g. {examples(vals[bad], 1)})")

@@ -109,9 +109,10 @@ def _numeric_block(chunk: pd.DataFrame, positions: np.ndarray, sample, path) -> 
         shown = col[bad].iloc[0] if bad.any() else col.iloc[0]
         raise fail(sample, path, f"non-numeric count in column {block.columns[j]!r}, row {row!r}: "
                                  f"{shown!r}")
-    if np.isnan(values).any():
-        r, c = np.argwhere(np.isnan(values))[0]
-        raise fail(sample, path, f"{int(np.isnan(values).sum())} missing (NaN) counts, e.g. row "
+    bad = ~np.isfinite(values)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise fail(sample, path, f"{int(bad.sum())} missing (NaN) or infinite counts, e.g. row "
                                  f"{block.index[r]!r}, column {block.columns[c]!r}")
     return sp.csr_matrix(values)
 
@@ -186,6 +187,48 @@ def _read_side_table(path: Path, sep, sample, what: str, index: str | None) -> p
     df.index.name = None
     check_unique(df.index, f"identifiers in the {what}", sample, path)
     return df
+
+
+def _label_file(path: Path, sample, what: str) -> pd.DataFrame:
+    """A headerless tab-separated names file (genes / barcodes) as text columns."""
+    try:
+        with open_text(path, sample) as fh:
+            df = pd.read_csv(fh, sep="\t", header=None, dtype=str, keep_default_na=False, engine="c")
+    except ReaderError:
+        raise
+    except pd.errors.EmptyDataError:
+        raise fail(sample, path, f"{what} is empty") from None
+    except (pd.errors.ParserError, ValueError) as exc:
+        raise fail(sample, path, f"malformed {what}: {exc}") from exc
+    return df
+
+
+def _read_mtx_table(cpath: Path, genes, barcodes, coord_df, how: str, orientation: str, sample):
+    """(X spots x genes CSR, spot labels, gene labels, gene symbols or None) of a MatrixMarket count
+    table; the header is checked against the names before any entry is read."""
+    if genes is None:
+        raise fail(sample, cpath, "a MatrixMarket count table needs genes=<file of feature names>")
+    gdf = _label_file(require_file(genes, sample, "genes file"), sample, "genes file")
+    gene_labels = gdf.iloc[:, 0].to_numpy(dtype=object)
+    symbols = gdf.iloc[:, 1].to_numpy(dtype=object) if gdf.shape[1] > 1 else None
+    if barcodes is not None:
+        bdf = _label_file(require_file(barcodes, sample, "barcodes file"), sample, "barcodes file")
+        spot_labels = bdf.iloc[:, 0].to_numpy(dtype=object)
+    elif coord_df is not None:
+        spot_labels = coord_df.index.to_numpy(dtype=object)
+    else:
+        raise fail(sample, cpath, "a MatrixMarket count table needs barcodes=<file> or a coords "
+                                  "table with spot identifiers")
+    shape = (len(gene_labels), len(spot_labels))
+    M = read_mtx_file(cpath, sample, shape, f"{shape[0]} genes x {shape[1]} spots").tocsr()
+    if how in ("auto", "genes") and M.shape == shape:
+        X = M.T.tocsr()
+    elif how in ("auto", "spots") and M.shape == shape[::-1]:
+        X = M
+    else:
+        raise fail(sample, cpath, f"matrix shape {M.shape} does not match {shape[0]} genes "
+                                  f"x {shape[1]} spots (orientation={orientation!r})")
+    return X, spot_labels, gene_labels, symbols
 
 
 def _looks_like_spots(labels) -> float:
@@ -272,36 +315,8 @@ def read_table(counts, *, coords=None, metadata=None, orientation: str = "auto",
     name = cpath.name[:-3] if cpath.name.endswith(".gz") else cpath.name
     gene_labels_symbols = None
     if name.endswith(".mtx"):
-        M = read_mtx_file(cpath, sample).tocsr()
-        if genes is None:
-            raise fail(sample, cpath, "a MatrixMarket count table needs genes=<file of feature names>")
-        gpath = require_file(genes, sample, "genes file")
-        try:
-            with open_text(gpath, sample) as fh:
-                gdf = pd.read_csv(fh, sep="\t", header=None, dtype=str, keep_default_na=False,
-                                  engine="c")
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-            raise fail(sample, gpath, f"malformed genes file: {exc}") from exc
-        gene_labels = gdf.iloc[:, 0].to_numpy(dtype=object)
-        if gdf.shape[1] > 1:
-            gene_labels_symbols = gdf.iloc[:, 1].to_numpy(dtype=object)
-        if barcodes is not None:
-            bpath = require_file(barcodes, sample, "barcodes file")
-            with open_text(bpath, sample) as fh:
-                spot_labels = pd.read_csv(fh, sep="\t", header=None, dtype=str, engine="c").iloc[:, 0]
-            spot_labels = spot_labels.to_numpy(dtype=object)
-        elif coord_df is not None:
-            spot_labels = coord_df.index.to_numpy(dtype=object)
-        else:
-            raise fail(sample, cpath, "a MatrixMarket count table needs barcodes=<file> or a coords "
-                                      "table with spot identifiers")
-        if how in ("auto", "genes") and M.shape == (len(gene_labels), len(spot_labels)):
-            X = M.T.tocsr()
-        elif how in ("auto", "spots") and M.shape == (len(spot_labels), len(gene_labels)):
-            X = M
-        else:
-            raise fail(sample, cpath, f"matrix shape {M.shape} does not match {len(gene_labels)} genes "
-                                      f"x {len(spot_labels)} spots (orientation={orientation!r})")
+        X, spot_labels, gene_labels, gene_labels_symbols = _read_mtx_table(
+            cpath, genes, barcodes, coord_df, how, orientation, sample)
         extra = pd.DataFrame(index=pd.Index(spot_labels))
         gene_extra = None
     else:

@@ -1,6 +1,7 @@
 """10x Genomics count matrices: Cell Ranger / Space Ranger / Xenium HDF5 and the MatrixMarket folder."""
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -12,54 +13,96 @@ from ._checks import fail, gex_mask, open_h5, open_text, require_dir, require_fi
 __all__ = ["read_10x_h5", "read_10x_mtx"]
 
 
-def _str_array(ds) -> np.ndarray:
-    """An HDF5 string dataset as a numpy array of Python str."""
+def _str_array(ds, sample=None, path=None) -> np.ndarray:
+    """A 1-D HDF5 string dataset as a numpy array of Python str."""
+    if ds.ndim != 1:
+        raise fail(sample, path, f"HDF5 dataset '{ds.name}' has shape {ds.shape}, expected one "
+                                 f"dimension (a list of names)")
     values = ds[()]
-    if values.dtype.kind == "S":
-        return np.char.decode(values, "utf-8").astype(object)
-    if values.dtype.kind == "O":
-        return np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values],
-                        dtype=object)
+    try:
+        if values.dtype.kind == "S":
+            return np.char.decode(values, "utf-8").astype(object)
+        if values.dtype.kind == "O":
+            return np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values],
+                            dtype=object)
+    except UnicodeDecodeError as exc:
+        raise fail(sample, path, f"HDF5 dataset '{ds.name}' holds names that are not UTF-8 text: "
+                                 f"{exc}") from exc
     return values.astype(str).astype(object)
 
 
-def _need(group, name: str, sample, path):
-    if name not in group:
-        raise fail(sample, path, f"required HDF5 dataset '{group.name.rstrip('/')}/{name}' is missing")
-    return group[name]
+def _need(group, name: str, sample, path, kind: str = "dataset"):
+    """``group[name]``, which must exist and be a dataset (``kind="dataset"``) or a group."""
+    import h5py
+
+    where_ = f"{group.name.rstrip('/')}/{name}"
+    if not isinstance(group, h5py.Group) or name not in group:
+        raise fail(sample, path, f"required HDF5 {kind} '{where_}' is missing")
+    obj = group[name]
+    if not isinstance(obj, h5py.Dataset if kind == "dataset" else h5py.Group):
+        raise fail(sample, path, f"HDF5 object '{where_}' is not a {kind}")
+    return obj
+
+
+def _shape(group, sample, path) -> tuple[int, int]:
+    """The (features, barcodes) of ``group/shape``: two non-negative whole numbers."""
+    ds = _need(group, "shape", sample, path)
+    vals = np.asarray(ds[()]) if ds.shape is not None else np.zeros(0)
+    if vals.shape != (2,) or vals.dtype.kind not in "iuf" or not np.all(np.isfinite(vals)) or \
+            np.any(vals < 0) or np.any(vals != np.round(vals)):
+        raise fail(sample, path, f"'{ds.name}' is {vals.tolist()!r}, expected two non-negative whole "
+                                 f"numbers (features, barcodes)")
+    return int(vals[0]), int(vals[1])
+
+
+def _sparse_parts(group, sample, path):
+    """(data, indices, indptr) of a 10x group: 1-D, numeric counts, integer indices."""
+    out = []
+    for name, kinds in (("data", "iufb"), ("indices", "iu"), ("indptr", "iu")):
+        ds = _need(group, name, sample, path)
+        if ds.ndim != 1 or ds.dtype.kind not in kinds:
+            raise fail(sample, path, f"'{ds.name}' is a {ds.dtype} dataset of shape {ds.shape}, "
+                                     f"expected a 1-D {'numeric' if name == 'data' else 'integer'} array")
+        out.append(ds[()])
+    return out
 
 
 def _csc_as_csr(group, n_genes: int, n_cells: int, sample, path) -> sp.csr_matrix:
     """The genes x cells CSC arrays of a 10x file, reinterpreted (no copy of the structure) as the
-    cells x genes CSR matrix they already are."""
-    data = _need(group, "data", sample, path)[()]
-    indices = _need(group, "indices", sample, path)[()]
-    indptr = _need(group, "indptr", sample, path)[()]
+    cells x genes CSR matrix they already are, once their structure is checked."""
+    data, indices, indptr = _sparse_parts(group, sample, path)
     if indptr.shape != (n_cells + 1,):
         raise fail(sample, path, f"'indptr' has {indptr.shape[0]} entries, expected {n_cells + 1} "
                                  f"(number of barcodes + 1)")
     if data.shape != indices.shape or int(indptr[-1]) != data.shape[0] or int(indptr[0]) != 0:
         raise fail(sample, path, f"inconsistent sparse matrix: {data.shape[0]} values, "
-                                 f"{indices.shape[0]} indices, indptr ends at {int(indptr[-1])}")
+                                 f"{indices.shape[0]} indices, indptr from {int(indptr[0])} to "
+                                 f"{int(indptr[-1])}")
     if np.any(np.diff(indptr) < 0):
         raise fail(sample, path, "'indptr' is not non-decreasing (corrupt matrix)")
     if indices.size and (int(indices.min()) < 0 or int(indices.max()) >= n_genes):
         raise fail(sample, path, f"feature indices out of range [0, {n_genes})")
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        raise fail(sample, path, f"{int((~np.isfinite(data)).sum())} counts are NaN or infinite")
+    if data.dtype.kind in "if" and data.size and data.min() < 0:
+        raise fail(sample, path, f"{int((data < 0).sum())} counts are negative (a count matrix holds "
+                                 f"non-negative counts)")
     X = sp.csr_matrix((data.astype(np.float32, copy=False), indices, indptr),
                       shape=(n_cells, n_genes))
     return X
 
 
 def _read_h5_v3(fh, sample, path, gex_only: bool):
-    grp = fh["matrix"]
-    feats = _need(grp, "features", sample, path)
-    barcodes = _str_array(_need(grp, "barcodes", sample, path))
-    ids = _str_array(_need(feats, "id", sample, path))
-    names = _str_array(feats["name"]) if "name" in feats else None
-    ftype = (_str_array(feats["feature_type"]) if "feature_type" in feats
-             else np.full(len(ids), "Gene Expression", dtype=object))
-    genome = _str_array(feats["genome"]) if "genome" in feats else None
-    shape = tuple(int(v) for v in _need(grp, "shape", sample, path)[()])
+    grp = _need(fh, "matrix", sample, path, kind="group")
+    feats = _need(grp, "features", sample, path, kind="group")
+    barcodes = _str_array(_need(grp, "barcodes", sample, path), sample, path)
+    ids = _str_array(_need(feats, "id", sample, path), sample, path)
+    opt = {k: _str_array(_need(feats, k, sample, path), sample, path) if k in feats else None
+           for k in ("name", "feature_type", "genome")}
+    names, ftype, genome = opt["name"], opt["feature_type"], opt["genome"]
+    if ftype is None:
+        ftype = np.full(len(ids), "Gene Expression", dtype=object)
+    shape = _shape(grp, sample, path)
     if shape != (len(ids), len(barcodes)):
         raise fail(sample, path, f"'matrix/shape' is {shape} but the file lists {len(ids)} features "
                                  f"and {len(barcodes)} barcodes")
@@ -85,10 +128,11 @@ def _read_h5_v2(fh, sample, path, genome: str | None):
     elif genome not in genomes:
         raise fail(sample, path, f"genome {genome!r} not in the file (has {genomes})")
     grp = fh[genome]
-    barcodes = _str_array(_need(grp, "barcodes", sample, path))
-    ids = _str_array(_need(grp, "genes", sample, path))
-    names = _str_array(grp["gene_names"]) if "gene_names" in grp else None
-    shape = tuple(int(v) for v in _need(grp, "shape", sample, path)[()])
+    barcodes = _str_array(_need(grp, "barcodes", sample, path), sample, path)
+    ids = _str_array(_need(grp, "genes", sample, path), sample, path)
+    names = (_str_array(_need(grp, "gene_names", sample, path), sample, path)
+             if "gene_names" in grp else None)
+    shape = _shape(grp, sample, path)
     if shape != (len(ids), len(barcodes)):
         raise fail(sample, path, f"'{genome}/shape' is {shape} but the file lists {len(ids)} genes "
                                  f"and {len(barcodes)} barcodes")
@@ -182,14 +226,67 @@ def _find_one(folder: Path, stems: tuple[str, ...], sample) -> Path | None:
     return hits[0] if hits else None
 
 
-def read_mtx_file(path: Path, sample) -> sp.coo_matrix:
-    """A MatrixMarket file (optionally gzipped), decompressed in memory only."""
+#: bytes a MatrixMarket entry takes at least ("1 1\n" in a coordinate file; an array file may store
+#: only a triangle: half its rows x columns entries of "1\n")
+_MTX_MIN_ENTRY = {"coordinate": 4, "array": 1}
+
+
+def _size_line(fh) -> bytes:
+    """The first line after the comments (however long) and blank lines of a MatrixMarket stream."""
+    line = fh.readline(1 << 16)
+    while line.startswith(b"%") or (line and not line.strip()):
+        while line and not line.endswith(b"\n"):
+            line = fh.readline(1 << 16)
+        line = fh.readline(1 << 16)
+    return line
+
+
+def mtx_header(path: Path, sample) -> tuple[int, int, int]:
+    """(rows, columns, entries) of a MatrixMarket file from its banner and size line, refused when the
+    file cannot hold that many entries (a corrupt header claiming 10^12 must not be allocated)."""
+    import gzip
+
+    from ._checks import is_gzip
+
+    try:
+        with (gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")) as fh:
+            banner = fh.readline(1024).decode("utf-8", "replace").split()
+            line = _size_line(fh).decode("utf-8", "replace") if banner else ""
+    except (OSError, EOFError, zlib.error) as exc:
+        raise fail(sample, path, f"is not a readable MatrixMarket file: {exc}") from exc
+    if len(banner) != 5 or banner[0].lower() != "%%matrixmarket" or banner[2].lower() not in _MTX_MIN_ENTRY:
+        raise fail(sample, path, f"is not a MatrixMarket matrix file (banner {' '.join(banner)[:80]!r})")
+    layout = banner[2].lower()
+    try:
+        size = [int(v) for v in line.split()]
+    except ValueError:
+        size = []
+    if len(size) != (3 if layout == "coordinate" else 2) or min(size) < 0:
+        raise fail(sample, path, f"malformed MatrixMarket size line {line.strip()[:80]!r}")
+    rows, cols = size[0], size[1]
+    entries = size[2] if layout == "coordinate" else rows * cols
+    budget = path.stat().st_size * (1100 if is_gzip(path) else 1)  # deflate expands at most ~1032x
+    if entries * _MTX_MIN_ENTRY[layout] > budget + 64:
+        raise fail(sample, path, f"MatrixMarket header declares {entries} entries ({rows} x {cols}), "
+                                 f"more than the file can hold (corrupt or truncated?)")
+    return rows, cols, entries
+
+
+def read_mtx_file(path: Path, sample, expect: tuple[int, int], describe: str) -> sp.coo_matrix:
+    """A MatrixMarket file (optionally gzipped), decompressed in memory only.
+
+    ``expect``: the (rows, columns) the header must declare, in either order (``describe`` says what
+    they are), checked before the entries are read. Non-finite values are refused."""
     import gzip
 
     import scipy.io
 
     from ._checks import is_gzip
 
+    rows, cols, _ = mtx_header(path, sample)
+    if (rows, cols) not in (tuple(expect), tuple(expect)[::-1]):
+        raise fail(sample, path, f"matrix shape {(rows, cols)} matches neither {describe} nor its "
+                                 f"transpose")
     try:
         if is_gzip(path):
             with gzip.open(path, "rb") as fh:
@@ -197,10 +294,13 @@ def read_mtx_file(path: Path, sample) -> sp.coo_matrix:
         else:
             with open(path, "rb") as fh:
                 M = scipy.io.mmread(fh)
-    except (ValueError, OSError, EOFError, IndexError, RuntimeError) as exc:
+    except (ValueError, OSError, EOFError, IndexError, RuntimeError, OverflowError,
+            zlib.error) as exc:
         raise fail(sample, path, f"is not a readable MatrixMarket file: {exc}") from exc
     if not sp.issparse(M):
         M = sp.coo_matrix(M)
+    if M.dtype.kind == "c" or (M.dtype.kind == "f" and not np.isfinite(M.data).all()):
+        raise fail(sample, path, "holds complex, NaN or infinite values (counts expected)")
     return M
 
 
@@ -256,7 +356,11 @@ def read_10x_mtx(folder, *, sample: str | None = None, gex_only: bool = True):
     ids = fdf.iloc[:, 0].to_numpy(dtype=object)
     names = fdf.iloc[:, 1].to_numpy(dtype=object) if fdf.shape[1] > 1 else None
     ftype = fdf.iloc[:, 2].to_numpy(dtype=object) if fdf.shape[1] > 2 else None
-    M = read_mtx_file(mtx, sample)
+    M = read_mtx_file(mtx, sample, (len(ids), len(barcodes)),
+                      f"{len(ids)} features ({feats.name}) x {len(barcodes)} barcodes ({bcs.name})")
+    if M.nnz and M.data.min() < 0:
+        raise fail(sample, mtx, f"{int((M.data < 0).sum())} counts are negative (a count matrix holds "
+                                f"non-negative counts)")
     if M.shape == (len(ids), len(barcodes)):
         X = M.T.tocsr()
     elif M.shape == (len(barcodes), len(ids)):

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from .._logging import logger
+from ..errors import ReaderError
 from ._checks import (check_finite, check_subset, examples, fail, first_line, open_text, read_parquet,
                       require_dir)
 from .tenx import read_10x_h5, read_10x_mtx
@@ -65,6 +66,8 @@ def read_positions(spatial: Path, sample: str) -> tuple[pd.DataFrame, Path]:
         with open_text(path, sample) as fh:
             df = pd.read_csv(fh, header=0 if has_header else None, engine="c",
                              dtype={0: str} if not has_header else {"barcode": str})
+    except ReaderError:
+        raise
     except pd.errors.EmptyDataError:
         raise fail(sample, path, "tissue positions file is empty") from None
     except (pd.errors.ParserError, ValueError, UnicodeDecodeError, OSError, EOFError) as exc:
@@ -87,6 +90,11 @@ def _clean_positions(df: pd.DataFrame, path: Path, sample: str, has_header: bool
                                      f"(e.g. barcode {examples(df.loc[bad, 'barcode'], 1)}: "
                                      f"{df.loc[bad, col].iloc[0]!r})")
         df[col] = vals
+    not01 = ~df["in_tissue"].isin([0, 1])
+    if not01.any():
+        raise fail(sample, path, f"column 'in_tissue' must be 0 or 1 but {int(not01.sum())} rows are not "
+                                 f"(e.g. barcode {examples(df.loc[not01, 'barcode'], 1)}: "
+                                 f"{df.loc[not01, 'in_tissue'].iloc[0]!r})")
     if df["barcode"].isna().any():
         raise fail(sample, path, f"{int(df['barcode'].isna().sum())} rows without a barcode")
     df["barcode"] = df["barcode"].astype(str)
@@ -110,15 +118,41 @@ def read_scalefactors(spatial: Path, sample: str) -> tuple[dict, Path]:
         raise fail(sample, path, "scale factors JSON is not an object")
     for k, v in sf.items():
         if k.endswith("_scalef") or k.endswith("_fullres"):
-            if not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
+            if not is_positive_number(v):
                 raise fail(sample, path, f"scale factor {k!r} is {v!r}, expected a positive number")
     return sf, path
+
+
+def is_positive_number(v) -> bool:
+    """Whether a JSON value is a finite positive number (not a bool, a string or a list)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v)) and v > 0
+
+
+#: pixels an image file may declare per byte it holds (deflate expands at most ~1032x, and a 1-bit
+#: PNG packs 8 pixels a byte), beyond a floor any image may have
+_PIXELS_PER_BYTE, _PIXELS_FLOOR = 9000, 10_000_000
+
+
+def check_image_header(path: Path, sample: str | None) -> None:
+    """Refuse, before decoding, an image whose header declares more pixels than its file can hold."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except Exception as exc:  # PIL raises many types (and DecompressionBombError for huge headers)
+        raise fail(sample, path, f"image cannot be read: {exc}") from exc
+    size = Path(path).stat().st_size
+    if w <= 0 or h <= 0 or w * h > max(_PIXELS_FLOOR, _PIXELS_PER_BYTE * size):
+        raise fail(sample, path, f"image header declares {w} x {h} pixels, impossible for a file of "
+                                 f"{size} bytes (corrupt header?); refused before decoding")
 
 
 def read_image(path: Path, sample: str | None = None) -> np.ndarray:
     """A PNG/JPEG/TIFF image as a uint8 (h, w, 3) array (alpha dropped, gray expanded)."""
     import matplotlib.image as mpimg
 
+    check_image_header(path, sample)
     try:
         img = mpimg.imread(path)
     except Exception as exc:  # PIL and matplotlib raise many types

@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 
 from .._logging import logger
+from ..errors import ReaderError
 from ._checks import check_finite, fail, first_line, open_text, require_dir
-from .visium import (POSITION_COLUMNS, _clean_positions, _find_matrix, check_positions, match_positions,
-                     read_matrix, read_scalefactors, read_tissue_images)
+from .visium import (POSITION_COLUMNS, _clean_positions, _find_matrix, check_positions, is_positive_number,
+                     match_positions, read_matrix, read_scalefactors, read_tissue_images)
 
 __all__ = ["read_visium_hd", "is_visium_hd_square", "BIN_SIZES"]
 
@@ -143,6 +144,8 @@ def _read_csv_positions(path: Path, sample) -> pd.DataFrame:
     try:
         with open_text(path, sample) as fh:
             df = pd.read_csv(fh, header=0, engine="c", dtype={"barcode": str})
+    except ReaderError:
+        raise
     except pd.errors.EmptyDataError:
         raise fail(sample, path, "tissue positions file is empty") from None
     except (pd.errors.ParserError, ValueError, UnicodeDecodeError, OSError, EOFError) as exc:
@@ -231,7 +234,7 @@ def read_visium_hd(folder, *, sample: str, bin_size=None, matrix=None, in_tissue
     scalefactors, spath = read_scalefactors(spatial, sample)
     sf_size = scalefactors.get("bin_size_um")
     if sf_size is not None:
-        if not isinstance(sf_size, (int, float)) or not np.isfinite(sf_size) or sf_size <= 0:
+        if not is_positive_number(sf_size):
             raise fail(sample, spath, f"'bin_size_um' is {sf_size!r}, expected a positive number")
         if size is not None and abs(float(sf_size) - size) > 1e-6:
             raise fail(sample, spath, f"'bin_size_um' is {sf_size} but the folder "
@@ -239,7 +242,7 @@ def read_visium_hd(folder, *, sample: str, bin_size=None, matrix=None, in_tissue
                                       f"another bin size?)")
         size = float(sf_size) if size is None else size
     mpp = scalefactors.get("microns_per_pixel")
-    if mpp is not None and (not isinstance(mpp, (int, float)) or not np.isfinite(mpp) or mpp <= 0):
+    if mpp is not None and not is_positive_number(mpp):
         raise fail(sample, spath, f"'microns_per_pixel' is {mpp!r}, expected a positive number")
     if mpp is None:
         logger.warning("sample %r: %s has no 'microns_per_pixel'; pixel positions cannot be "
