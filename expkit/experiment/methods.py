@@ -45,6 +45,11 @@ METHODS: dict[str, tuple[str, tuple[str, ...] | None, str]] = {
     "spatial_filter_islands": ("expkit.spatial.niches:spatial_filter_islands", SPATIAL, "sample"),
     # Visium HD bins -> cells: new samples of spatial-cell, linked to their bins sample
     "bins_to_cells": ("expkit.spatial.bins_to_cells:bins_to_cells", ("spatial-bin",), "derive"),
+    # cell types: reference annotation, marker selection, gene-set scores, domain labels
+    "annotate": ("expkit.tl.annotate:annotate", ALL, "sample"),
+    "select_markers": ("expkit.tl.select_markers:select_markers", ALL, "sample"),
+    "score_genesets": ("expkit.spatial.genesets:score_genesets", SPATIAL, "sample"),
+    "label_domains": ("expkit.spatial.label_domains:label_domains", SPATIAL, "sample"),
     # images: processing into the image store, per-spot image features
     "image_process": ("expkit.spatial.image_process:image_process", SPATIAL, "sample"),
     "image_segment": ("expkit.spatial.image_segment:image_segment", SPATIAL, "sample"),
