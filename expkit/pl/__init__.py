@@ -8,6 +8,8 @@ from __future__ import annotations
 from ._utils import DEFAULT_PALETTE, NA_COLOR, category_colors, set_category_colors
 from .basic import plot_embedding, plot_proportions, plot_qc
 from .spatial import EMBEDDING_DEFAULTS, compose_channels, plot_spatial, plot_spatial_grid
+from .stats import (plot_co_occurrence, plot_group_comparison, plot_interaction_matrix, plot_nhood_enrichment,
+                    plot_ripley, plot_sample_embedding)
 
 __all__ = [
     "plot_spatial",
@@ -21,4 +23,10 @@ __all__ = [
     "DEFAULT_PALETTE",
     "NA_COLOR",
     "EMBEDDING_DEFAULTS",
+    "plot_nhood_enrichment",
+    "plot_interaction_matrix",
+    "plot_co_occurrence",
+    "plot_ripley",
+    "plot_sample_embedding",
+    "plot_group_comparison",
 ]
