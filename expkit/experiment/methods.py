@@ -48,6 +48,7 @@ METHODS: dict[str, tuple[str, tuple[str, ...] | None, str]] = {
     # cell types: reference annotation, marker selection, gene-set scores, domain labels
     "annotate": ("expkit.tl.annotate:annotate", ALL, "sample"),
     "select_markers": ("expkit.tl.select_markers:select_markers", ALL, "sample"),
+    "deconvolve": ("expkit.spatial.deconvolution:deconvolve", SPATIAL, "sample"),
     "score_genesets": ("expkit.spatial.genesets:score_genesets", SPATIAL, "sample"),
     "label_domains": ("expkit.spatial.label_domains:label_domains", SPATIAL, "sample"),
     # spatial label statistics (squidpy 1.8's definitions) and statistics across samples

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .autocorr import spatial_autocorr
 from .bins_to_cells import bins_to_cells
 from .cohort import spatial_graph_stats
+from .deconvolution import deconvolve
 from .deepst import integrate_domains_deepst, spatial_detect_domains_deepst
 from .domain_markers import spatial_markers_spagcn, spatial_metagene
 from .domains import integrate_domains_spagcn, spatial_detect_domains_spagcn
@@ -27,4 +28,4 @@ __all__ = ["spatial_neighbors", "spatial_components", "spatial_autocorr", "svg_s
            "objects_to_adata", "image_features", "bins_to_cells", "spatial_domains", "spatial_filter_islands",
            "score_genesets", "label_domains", "nhood_enrichment", "co_occurrence", "interaction_matrix", "centrality",
            "ripley", "label_moran", "label_hull", "label_connectivity", "spatial_graph_stats", "sample_embedding",
-           "compare_groups"]
+           "compare_groups", "deconvolve"]
