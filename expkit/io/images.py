@@ -98,6 +98,27 @@ def _check_write(name: str, array, channels, labels: bool):
     return shape, flat, dtype, channels
 
 
+def _checked_dataset(ds, name: str) -> tuple[list[str], np.ndarray]:
+    """(channels, transform) of a stored image, checked: a 3-D uint8/16/32 dataset, one channel name per plane,
+    a finite invertible affine transform, and no more declared than ~2000x the stored bytes (a damaged header
+    must not make a read allocate terabytes)."""
+    if not hasattr(ds, "shape") or len(ds.shape) != 3:
+        raise ValueError(f"image {name!r} is not a (y, x, c) dataset")
+    if np.dtype(ds.dtype) not in (np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32)):
+        raise ValueError(f"image {name!r} has dtype {ds.dtype}, not uint8/16/32")
+    chans = [c.decode() if isinstance(c, bytes) else str(c) for c in np.atleast_1d(ds.attrs["channels"])]
+    if len(chans) != ds.shape[2]:
+        raise ValueError(f"image {name!r} has {ds.shape[2]} planes but {len(chans)} channel names")
+    t = _check_transform(ds.attrs["transform"])
+    if not np.isfinite(t).all():
+        raise ValueError(f"image {name!r} has a non-finite transform")
+    declared = int(np.prod(ds.shape, dtype=np.int64)) * np.dtype(ds.dtype).itemsize
+    if declared > 2**28 and declared > 2000 * max(int(ds.id.get_storage_size()), 1):
+        raise ValueError(f"image {name!r} declares {declared / 2**30:.1f} GiB but stores "
+                         f"{ds.id.get_storage_size() / 2**20:.1f} MiB")
+    return chans, t
+
+
 # --------------------------------------------------------------------------------------------
 # the HDF5 store
 # --------------------------------------------------------------------------------------------
@@ -146,14 +167,12 @@ class ImageStore(_Source):
             return self._cache[1]
         meta, levels, kinds = {}, {}, {}
         with self._open("r") as f:
-            grp = f.get(_GROUP)
-            pyr = f.get(_PYRAMID)
-            if grp is not None:
-                for name, ds in grp.items():
+            try:
+                grp, pyr = f.get(_GROUP), f.get(_PYRAMID)
+                for name, ds in (grp.items() if grp is not None else []):
                     if name.startswith(_TMP_PREFIX):
                         continue
-                    chans = [c.decode() if isinstance(c, bytes) else str(c) for c in ds.attrs["channels"]]
-                    t = np.asarray(ds.attrs["transform"], dtype=np.float64)
+                    chans, t = _checked_dataset(ds, name)
                     meta[name] = (tuple(ds.shape), chans, t)
                     kind = ds.attrs.get("kind", "image")
                     kinds[name] = kind.decode() if isinstance(kind, bytes) else str(kind)
@@ -161,9 +180,11 @@ class ImageStore(_Source):
                     if pyr is not None and name in pyr:
                         for fac in sorted(pyr[name], key=int):
                             d = pyr[name][fac]
-                            lv.append((f"{_PYRAMID}/{name}/{fac}", int(fac),
-                                       np.asarray(d.attrs["transform"], dtype=np.float64)))
+                            lv.append((f"{_PYRAMID}/{name}/{fac}", int(fac), _check_transform(d.attrs["transform"])))
                     levels[name] = lv
+            except (OSError, KeyError, ValueError, TypeError, AttributeError, IndexError, InputError) as exc:
+                raise FormatError(f"image store {self.path} is damaged or not an expkit image store: "
+                                  f"{type(exc).__name__}: {exc}") from exc
         self._cache = (key, meta, levels, kinds)
         return meta
 
@@ -198,6 +219,12 @@ class ImageStore(_Source):
 
     def __contains__(self, image: str) -> bool:
         return image in self._meta()
+
+    def read(self, channels, xrange=None, yrange=None, dpp: float | None = None) -> ImageWindow:
+        try:
+            return super().read(channels, xrange=xrange, yrange=yrange, dpp=dpp)
+        except OSError as exc:  # a damaged chunk (h5py raises OSError from its filters)
+            raise FormatError(f"image store {self.path}: cannot read {channels!r}: {exc}") from exc
 
     def __len__(self) -> int:
         return len(self._meta())
