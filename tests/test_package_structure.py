@@ -43,7 +43,7 @@ def test_registered_method_signature(name):
 
 def test_methods_writing_results_take_key_added():
     exempt = {"filter", "get_markers", "get_image", "plot_spatial", "plot_embedding", "plot_qc",
-              "plot_proportions", "integrate_domains_spagcn", "integrate_domains_deepst", "log_normalize"}
+              "plot_proportions", "integrate_domains_spagcn", "integrate_domains_deepst", "log_normalize", "add_connectivity"}
     for name, (target, _, kind) in METHODS.items():
         if kind in ("sample", "joint", "derive") and name not in exempt:
             assert "key_added" in inspect.signature(_func(target)).parameters, f"{name} lacks key_added"

@@ -67,6 +67,13 @@ METHODS: dict[str, tuple[str, tuple[str, ...] | None, str]] = {
     "plot_interaction_matrix": ("expkit.pl.stats:plot_interaction_matrix", SPATIAL, "read"),
     "plot_co_occurrence": ("expkit.pl.stats:plot_co_occurrence", SPATIAL, "read"),
     "plot_ripley": ("expkit.pl.stats:plot_ripley", SPATIAL, "read"),
+    # learned spatial embeddings: SpaCon (expression + connectivity), Phenocoder (object image patches)
+    "add_connectivity": ("expkit.spatial.connectome:add_connectivity", SPATIAL, "sample"),
+    "spatial_connectome_embed": ("expkit.spatial.connectome:spatial_connectome_embed", SPATIAL, "sample"),
+    "spatial_connectome_cluster": ("expkit.spatial.connectome:spatial_connectome_cluster", SPATIAL, "sample"),
+    "image_patches": ("expkit.spatial.morphology:image_patches", SPATIAL, "sample"),
+    "train_patch_cvae": ("expkit.spatial.morphology:train_patch_cvae", SPATIAL, "joint"),
+    "encode_patches": ("expkit.spatial.morphology:encode_patches", SPATIAL, "sample"),
     # images: processing into the image store, per-spot image features
     "image_process": ("expkit.spatial.image_process:image_process", SPATIAL, "sample"),
     "image_segment": ("expkit.spatial.image_segment:image_segment", SPATIAL, "sample"),
