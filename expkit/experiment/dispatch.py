@@ -197,8 +197,8 @@ class _Call:
         results, failed = {}, {}
         with progress(len(samples), f"{m.name}.{self.name} ({pool.kind})") as advance:
             for s in samples:
-                try:
-                    out, delta = _result(futures[s], lambda s=s: submit(s))
+                try:  # popped: a worker frees a result once the driver holds no reference to it
+                    out, delta = _result(futures.pop(s), lambda s=s: submit(s))
                 except Exception as exc:  # reported after the others
                     failed[s] = f"{type(exc).__name__}: {exc}"
                     continue
