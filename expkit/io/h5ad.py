@@ -4,8 +4,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from ..errors import ReaderError
-from ._checks import check_finite, check_h5_sizes, check_unique, fail, open_h5_file, require_file
+from ._checks import check_finite, check_unique, fail, open_h5, require_file
 
 __all__ = ["read_h5ad"]
 
@@ -93,16 +92,8 @@ def read_h5ad(path, *, sample: str | None = None):
     import anndata as ad
 
     path = require_file(path, sample, "h5ad file")
-    fh = open_h5_file(path, sample)  # a corrupt/truncated/unreadable HDF5 file: ReaderError here
-    try:
-        check_h5_sizes(fh, sample, path)
+    with open_h5(path, sample) as fh:  # corrupt / truncated / impossible sizes: a ReaderError here
         _check_sparse_groups(fh, sample, path)
-    except (OSError, KeyError, ValueError, RuntimeError, TypeError) as exc:
-        if isinstance(exc, ReaderError):
-            raise
-        raise fail(sample, path, f"HDF5 content cannot be read (corrupt or truncated?): {exc}") from exc
-    finally:
-        fh.close()
     try:
         adata = ad.read_h5ad(path)  # mode "r": h5py opens the file read-only
     except Exception as exc:  # anndata's read errors, KeyError on a file that is not an AnnData
