@@ -5,8 +5,6 @@ Writes each tool's proportions (spots x the reference's sorted types), its time 
 """
 import os
 import sys
-import threading
-import time
 import warnings
 from pathlib import Path
 
@@ -15,27 +13,8 @@ import numpy as np
 import pandas as pd
 
 
-def rss_mb():
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def timed(fn):
-    start, peak, stop = rss_mb(), [rss_mb()], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], rss_mb())
-            stop.wait(0.01)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    t0 = time.perf_counter()
-    out = fn()
-    dt = time.perf_counter() - t0
-    stop.set()
-    th.join()
-    return out, dt, max(peak[0], rss_mb()) - start
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: benchmarks._util is stdlib only
+from benchmarks._util import timed  # noqa: E402
 
 
 def run_rctd(spots, ref, mode, min_cells):

@@ -18,10 +18,9 @@ def rss_mb() -> float:
 
 
 @contextmanager
-def measure(label: str, results: list | None = None):
-    """Print wall time and the peak resident memory above the starting point while the block ran."""
-    start_rss = rss_mb()
-    peak = [start_rss]
+def _peak_rss():
+    """Yield a one-item list that holds, once the block ends, the peak resident memory (MiB) while it ran."""
+    peak = [rss_mb()]
     stop = threading.Event()
 
     def sample():
@@ -31,19 +30,39 @@ def measure(label: str, results: list | None = None):
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
-    t0 = time.perf_counter()
-    info: dict = {}
     try:
-        yield info
+        yield peak
     finally:
-        dt = time.perf_counter() - t0
         stop.set()
         thread.join()
         peak[0] = max(peak[0], rss_mb())
-        extra = " ".join(f"{k}={v}" for k, v in info.items())
-        print(f"{label:<48} {dt:8.2f} s   peak +{peak[0] - start_rss:8.1f} MiB  {extra}", flush=True)
-        if results is not None:
-            results.append((label, dt, peak[0] - start_rss, info))
+
+
+def timed(fn):
+    """``(fn(), seconds, peak MiB above the start)``, printing nothing (for scripts whose stdout is data)."""
+    start = rss_mb()
+    with _peak_rss() as peak:
+        t0 = time.perf_counter()
+        out = fn()
+        dt = time.perf_counter() - t0
+    return out, dt, peak[0] - start
+
+
+@contextmanager
+def measure(label: str, results: list | None = None):
+    """Print wall time and the peak resident memory above the starting point while the block ran."""
+    start_rss = rss_mb()
+    info: dict = {}
+    with _peak_rss() as peak:
+        t0 = time.perf_counter()
+        try:
+            yield info
+        finally:
+            dt = time.perf_counter() - t0
+    extra = " ".join(f"{k}={v}" for k, v in info.items())
+    print(f"{label:<48} {dt:8.2f} s   peak +{peak[0] - start_rss:8.1f} MiB  {extra}", flush=True)
+    if results is not None:
+        results.append((label, dt, peak[0] - start_rss, info))
 
 
 def max_rss_mb() -> float:

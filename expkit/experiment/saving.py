@@ -250,15 +250,29 @@ def read_history(folder: Path) -> list[dict]:
     return out
 
 
+def _last_generation(path: Path) -> int:
+    """The generation of the log's last line (lines are appended in generation order): only the file's end is
+    read, so opening a folder with a long history stays cheap."""
+    if not path.is_file():
+        return 0
+    with open(path, "rb") as fh:
+        fh.seek(max(0, path.stat().st_size - 65536))
+        lines = [ln for ln in fh.read().splitlines() if ln.strip()]
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line).get("generation", 0))
+        except (ValueError, TypeError, AttributeError):  # a partial first line of the window, or a hand edit
+            continue
+    return 0
+
+
 def repair_history(folder: Path, manifest: dict) -> None:
     """Append the committed save's history lines when ``history.jsonl`` does not have them yet (the save was
     killed between its commit and the append, or this is the append itself)."""
     tail = manifest.get("history_tail") or {}
     if not tail.get("lines"):
         return
-    done = read_history(folder)
-    last = max((int(e.get("generation", 0)) for e in done), default=0)
-    if last < int(tail["generation"]):
+    if _last_generation(folder / store.HISTORY) < int(tail["generation"]):
         store.append_lines_atomic(folder / store.HISTORY, tail["lines"])
 
 
