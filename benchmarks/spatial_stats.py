@@ -165,7 +165,7 @@ def cohort(n_samples: int, n_cells: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--no-squidpy", action="store_true")
-    p.add_argument("--samples", type=int, default=100)
+    p.add_argument("--samples", type=int, default=100, help="cohort size (0: no cohort)")
     p.add_argument("--cells", type=int, default=10000)
     p.add_argument("--skip-xenium", action="store_true")
     args = p.parse_args()
@@ -175,7 +175,8 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, CPU)")
     if not args.skip_xenium:
         xenium(not args.no_squidpy)
-    cohort(args.samples, args.cells)
+    if args.samples > 0:
+        cohort(args.samples, args.cells)
 
 
 if __name__ == "__main__":

@@ -171,6 +171,27 @@ def test_co_occurrence_3d_brute_force():
         np.testing.assert_array_equal(got[:, :, r], (oh.T @ (d2 <= t[r] ** 2) @ oh).round())
 
 
+def test_co_occurrence_pairs_on_thresholds_and_workers():
+    """A grid puts many pairs exactly on the thresholds (the table's sentinel path must count them, d2 <= t2);
+    the counts do not depend on the block size or the number of worker threads."""
+    from expkit.kernels import cooccurrence as KC
+
+    g = np.stack(np.meshgrid(np.arange(30), np.arange(20)), -1).reshape(-1, 2).astype(np.float32) * 1.5
+    codes = np.random.default_rng(1).integers(0, 4, len(g))
+    t = np.array([1.5, 3.0, 1.5 * np.sqrt(5), 6.0, 7.5 * np.sqrt(2)], np.float32)
+    d = g[:, None, :].astype(np.float64) - g[None, :, :]
+    d2 = (d * d).sum(-1).astype(np.float32)
+    np.fill_diagonal(d2, np.inf)
+    oh = np.eye(4)[codes]
+    t2 = (t * t).astype(np.float32)
+    assert np.isin(d2, t2).sum() > 1000  # pairs exactly on a threshold
+    want = np.stack([(oh.T @ (d2 <= t2[r]) @ oh).round() for r in range(len(t))], -1)
+    cpu = KS.torch.device("cpu")
+    for chunk, workers in ((1 << 20, 1), (997, 3)):
+        got = KC.cooccurrence_counts(g, codes, 4, t, cpu, chunk_elements=chunk, n_workers=workers)
+        np.testing.assert_array_equal(got, want)
+
+
 def test_label_moran_equals_spatial_autocorr():
     from expkit.spatial import spatial_autocorr
 
