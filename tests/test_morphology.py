@@ -17,7 +17,10 @@ from expkit.kernels import phenocoder as K
 from expkit.spatial.morphology import encode_patches, image_patches, train_patch_cvae
 
 NUCLEI = Path(__file__).parent / "data" / "embeddings" / "squidpy_nuclei.tsv"
-FAST = dict(n_latent_dim=8, n_dense_dim=64, epochs=15, batch_size=64, lr=3e-3, beta=0.01, seed=0)
+FAST = dict(epochs=15, seed=0)  # the defaults (latent 16, beta 1, augmentation, one cycle), fewer epochs
+N_LATENT = 16
+MARGIN = 0.97
+SMALL = dict(n_latent_dim=4, n_dense_dim=16, filters=(8, 16, 16))
 N_TRAIN = 1000
 
 
@@ -95,7 +98,12 @@ def test_per_z_slices_read_their_own_image(store, image, tmp_path):
     assert "bad" not in a.obsm
 
 
-def test_cvae_reconstructs_held_out_patches_as_well_as_pca(trained):
+def _error(net, x, cond):
+    rec = K.reconstruct(net, x, cond, "cpu")
+    return float(((rec - x) ** 2).reshape(len(x), -1).sum(1).mean())
+
+
+def test_cvae_reconstructs_held_out_patches_better_than_pca(trained, store):
     a, hist = trained
     entry = a.uns["phenocoder"]
     net = K.net_from_state(entry["config"], entry["state"], "cpu")
@@ -106,16 +114,21 @@ def test_cvae_reconstructs_held_out_patches_as_well_as_pca(trained):
     val[np.asarray(hist["val_index"], dtype=int)] = True  # the patches held out of training
     assert 0.05 < val.mean() < 0.15
     cond = np.ones((a.n_obs, 1), np.float32)
-    rec = K.reconstruct(net, x[val], cond[val], "cpu")
-    err_vae = float(((rec - x[val]) ** 2).reshape(val.sum(), -1).sum(1).mean())
-    err_pca = K.pca_reconstruction_error(x[~val], x[val], FAST["n_latent_dim"])
-    print(f"held-out reconstruction error: CVAE {err_vae:.2f}, PCA({FAST['n_latent_dim']}) {err_pca:.2f}")
-    # on these CPU-sized runs the CVAE reaches the optimal linear code of its size (it does not beat it
-    # clearly: see benchmarks/results/embeddings.md); an untrained or broken model is 2-5x worse
-    assert err_vae < 1.15 * err_pca
-    untrained = K.build(tuple(entry["config"]["shape"]), 1, FAST["n_latent_dim"], FAST["n_dense_dim"], 0)
-    rec0 = K.reconstruct(untrained.eval(), x[val], cond[val], "cpu")
-    assert float(((rec0 - x[val]) ** 2).reshape(val.sum(), -1).sum(1).mean()) > 2 * err_pca
+    err_vae = _error(net, x[val], cond[val])
+    err_pca = K.pca_reconstruction_error(x[~val], x[val], N_LATENT)
+    # nuclei the model never saw (neither training nor early stopping): the rest of the image's nuclei
+    b = _nuclei()[N_TRAIN:].copy()
+    image_patches(b, channels="fullres/r,g,b", patch_size=(16, 16), image_store=store)
+    y = apply_scale(b.obsm["patches"].reshape(b.n_obs, 3, 16, 16), a.uns["patches"]["lo"], a.uns["patches"]["hi"])
+    err_vae_new = _error(net, y, np.ones((b.n_obs, 1), np.float32))
+    err_pca_new = K.pca_reconstruction_error(x, y, N_LATENT)
+    print(f"held-out reconstruction error: CVAE {err_vae:.3f}, PCA({N_LATENT}) {err_pca:.3f}; unseen nuclei: "
+          f"CVAE {err_vae_new:.3f}, PCA {err_pca_new:.3f}")
+    # seeds 0, 1, 2 at these settings: 0.953, 0.950, 0.916 of PCA's error on the validation split, 0.961,
+    # 0.958, 0.960 on the unseen nuclei (benchmarks/results/embeddings.md: 0.909 at 24 x 24 px, 60 epochs)
+    assert err_vae < MARGIN * err_pca and err_vae_new < MARGIN * err_pca_new
+    untrained = K.build(tuple(entry["config"]["shape"]), 1, N_LATENT, entry["config"]["n_dense"], 0)
+    assert _error(untrained.eval(), x[val], cond[val]) > 2 * err_pca  # without the PCA initialisation
 
 
 def test_latents_separate_object_classes(trained):
@@ -137,24 +150,54 @@ def test_latents_separate_object_classes(trained):
 def test_training_history_early_stopping_and_lr_schedule(store):
     a = _nuclei()[:400].copy()
     image_patches(a, channels="fullres/r,g,b", patch_size=(16, 16), image_store=store)
-    h = train_patch_cvae(a, n_latent_dim=4, n_dense_dim=16, epochs=40, batch_size=64, lr=0.02, patience=2,
-                         lr_patience=1, seed=0)
+    kw = dict(SMALL, epochs=40, batch_size=64, lr=0.02, patience=2, lr_patience=1, schedule="plateau", seed=0)
+    h = train_patch_cvae(a, **kw)
     assert h["stopped_early"] and len(h["train"]) < 40
     assert h["best_epoch"] == int(np.argmin(h["val"]))
-    assert min(h["lr"]) < 0.02  # halved on a plateau
+    assert min(h["lr"]) < 0.02 and h["lr"][0] == 0.02  # halved on a plateau
     again = a.copy()
-    h2 = train_patch_cvae(again, n_latent_dim=4, n_dense_dim=16, epochs=40, batch_size=64, lr=0.02, patience=2,
-                          lr_patience=1, seed=0)
+    h2 = train_patch_cvae(again, **kw)
     assert h2["val"] == h["val"]
     encode_patches(a)
     encode_patches(again)
     np.testing.assert_array_equal(a.obsm["pheno"], again.obsm["pheno"])
+    cyc = train_patch_cvae(a, **SMALL, epochs=6, lr=0.01, patience=10, seed=0)["lr"]  # one cycle
+    assert len(cyc) == 6 and max(cyc) <= 0.01 and cyc[-1] < 1e-4 and np.all(np.diff(cyc) < 0)  # annealed
+    with pytest.raises(InputError, match="schedule"):
+        train_patch_cvae(a, schedule="cosine")
+
+
+def test_symmetries_and_the_pca_start(store):
+    import torch
+
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4).repeat(8, 1, 1, 1)
+    out = K.dihedral(x, torch.arange(16) // 2).numpy()
+    flips = [x[:2].numpy(), x[:2].numpy()[..., ::-1], x[:2].numpy()[..., ::-1, :], x[:2].numpy()[..., ::-1, ::-1]]
+    for k in range(8):
+        want = flips[k & 3] if k < 4 else np.swapaxes(flips[k & 3], 2, 3)
+        np.testing.assert_array_equal(out[2 * k:2 * k + 2], want)
+    assert len({out[2 * k].tobytes() for k in range(8)}) == 8
+    rect = torch.arange(8 * 16, dtype=torch.float32).reshape(1, 1, 8, 16).repeat(2, 1, 1, 1)
+    np.testing.assert_array_equal(K.dihedral(rect, torch.tensor([3, 7]))[1].numpy(), rect[0].flip(1, 2).numpy())
+    # the untrained network is exactly the PCA of its latent size (standardisation, linear shortcuts)
+    a = _nuclei()[:300].copy()
+    image_patches(a, channels="fullres/r,g,b", patch_size=(16, 16), image_store=store)
+    from expkit.spatial._patches import apply_scale
+
+    p = apply_scale(a.obsm["patches"].reshape(-1, 3, 16, 16), a.uns["patches"]["lo"], a.uns["patches"]["hi"])
+    net = K.build((3, 16, 16), 1, 6, 16, 0, filters=(8, 16, 16))
+    net.init_linear(torch.as_tensor(p[:200]))
+    np.testing.assert_allclose(net.mean.numpy(), p[:200].mean((0, 2, 3)), rtol=1e-5)
+    cond = np.ones((300, 1), np.float32)
+    assert abs(_error(net, p[200:], cond[200:]) - K.pca_reconstruction_error(p[:200], p[200:], 6)) < 1e-3
+    z = K.encode(net, p[:200], cond[:200], "cpu")
+    np.testing.assert_allclose(z.std(0, ddof=1), 1.0, rtol=1e-3)  # unit-variance scores, as the prior
 
 
 def test_scaling_is_the_same_at_train_and_encode_time(store):
     a = _nuclei()[:200].copy()
     image_patches(a, channels="fullres/r,g,b", patch_size=(16, 16), image_store=store)
-    train_patch_cvae(a, n_latent_dim=4, n_dense_dim=16, epochs=1, seed=0)
+    train_patch_cvae(a, **SMALL, epochs=1, seed=0)
     image_patches(a, channels="fullres/r,g,b", patch_size=(16, 16), scale_per_sample=False, image_store=store)
     with pytest.raises(InputError, match="same at train and encode"):
         encode_patches(a)
@@ -164,7 +207,7 @@ def test_scaling_is_the_same_at_train_and_encode_time(store):
         train_patch_cvae({"mouse_brain": a, "other": b}, n_latent_dim=4, epochs=1)
     image_patches(a, channels="fullres/r,g,b", patch_size=(16, 16), scale_per_sample=False, image_store=store)
     image_patches(b, channels="fullres/r,g,b", patch_size=(16, 16), scale_per_sample=False, image_store=store)
-    train_patch_cvae({"mouse_brain": a, "other": b}, n_latent_dim=4, n_dense_dim=16, epochs=1, seed=0)
+    train_patch_cvae({"mouse_brain": a, "other": b}, **SMALL, epochs=1, seed=0)
     lim = a.uns["phenocoder"]["scaling"]["limits"]["global"]
     both = np.concatenate([a.obsm["patches"], b.obsm["patches"]]).reshape(-1, 3, 16, 16)
     np.testing.assert_allclose(lim[0], np.percentile(np.moveaxis(both, 1, 0).reshape(3, -1), 1, axis=1))
@@ -202,9 +245,9 @@ def test_memory_and_missing_inputs_are_refused(store):
 def test_cpu_and_cuda_agree(store):
     a = _nuclei()[:300].copy()
     image_patches(a, channels="fullres/r,g,b", patch_size=(16, 16), image_store=store)
-    train_patch_cvae(a, n_latent_dim=4, n_dense_dim=16, epochs=2, seed=0)
+    train_patch_cvae(a, **SMALL, epochs=2, seed=0)
     encode_patches(a)
     cpu = a.obsm["pheno"].copy()
-    train_patch_cvae(a, n_latent_dim=4, n_dense_dim=16, epochs=2, seed=0, use_gpu=True)
+    train_patch_cvae(a, **SMALL, epochs=2, seed=0, use_gpu=True)
     encode_patches(a, use_gpu=True)
     np.testing.assert_allclose(a.obsm["pheno"], cpu, rtol=1e-3, atol=1e-3)

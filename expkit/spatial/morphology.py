@@ -188,19 +188,44 @@ def _check_patches(adatas, key, what):
     return first
 
 
-def train_patch_cvae(adatas, *, n_latent_dim: int = 32, n_dense_dim: int = 64, conditions=("sample",),
-                     epochs: int = 10, batch_size: int = 128, lr: float = 1e-3, beta: float = 1.0,
-                     val_fraction: float = 0.1, patience: int = 5, lr_patience: int = 2,
+def _check_training(what, n_latent_dim, n_dense_dim, epochs, batch_size, filters, schedule, beta, kl_warmup,
+                    weight_decay, val_fraction) -> list:
+    """The training settings checked (an InputError naming the bad one); returns ``filters`` as ints."""
+    if int(n_latent_dim) < 1 or int(n_dense_dim) < 1 or int(epochs) < 1 or int(batch_size) < 1:
+        raise InputError(f"{what}: n_latent_dim, n_dense_dim, epochs and batch_size must be positive")
+    filters = [int(f) for f in filters]
+    if len(filters) != 3 or min(filters) < 1:
+        raise InputError(f"{what}: filters must be three positive widths, not {filters}")
+    if schedule not in ("onecycle", "plateau"):
+        raise InputError(f"{what}: schedule must be 'onecycle' or 'plateau', not {schedule!r}")
+    if float(beta) < 0 or int(kl_warmup) < 0 or float(weight_decay) < 0:
+        raise InputError(f"{what}: beta, kl_warmup and weight_decay must be >= 0")
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise InputError(f"{what}: val_fraction must lie in [0, 1), not {val_fraction}")
+    return filters
+
+
+def train_patch_cvae(adatas, *, n_latent_dim: int = 16, n_dense_dim: int = 128, conditions=("sample",),
+                     epochs: int = 60, batch_size: int = 64, lr: float = 1e-3, beta: float = 1.0,
+                     val_fraction: float = 0.1, patience: int = 10, lr_patience: int = 2,
                      patches_key: str = "patches", seed: int | None = None, use_gpu: bool = False,
-                     max_memory: int | None = None, key_added: str = "phenocoder") -> dict:
+                     max_memory: int | None = None, filters=K.FILTERS, residual: bool = False,
+                     augment: bool = True, kl_warmup: int = 5, schedule: str = "onecycle",
+                     weight_decay: float = 1e-4, key_added: str = "phenocoder") -> dict:
     """Train Phenocoder's conditional convolutional VAE (:mod:`expkit.kernels.phenocoder`) on the patches
     of all samples given (``{sample: AnnData}`` or one AnnData), jointly.
 
     ``conditions``: obs columns one-hot coded as the condition (``"sample"`` works without a column; e.g.
-    ``["sample", "z"]``); ``n_latent_dim``/``n_dense_dim``: latent and dense widths; ``epochs`` at most, with
-    early stopping after ``patience`` epochs without a better validation loss and the learning rate halved
-    after ``lr_patience`` (``val_fraction`` of the patches held out, seeded). Intensities are scaled as
-    ``image_patches`` recorded (per sample, or with limits pooled over these samples).
+    ``["sample", "z"]``); ``n_latent_dim``/``n_dense_dim``: latent and dense widths; ``filters``: the widths
+    of the three stride-2 convolutions, ``residual``: a residual block at the coarsest level; ``beta``: the
+    KL weight relative to the ELBO of a per-pixel Gaussian of standard deviation 0.03 (reached after
+    ``kl_warmup`` epochs); ``augment``: random rotations by 90
+    degrees and mirror images of the patches; ``epochs`` at most, with early stopping after ``patience``
+    epochs without a better validation loss (``val_fraction`` of the patches held out, seeded);
+    ``schedule``: ``"onecycle"`` (warm-up then cosine annealing of AdamW's ``lr`` over ``epochs``) or
+    ``"plateau"`` (``lr`` halved after ``lr_patience`` epochs without improvement). Intensities are scaled as
+    ``image_patches`` recorded (per sample, or with limits pooled over these samples), then standardised
+    per channel by the network (statistics of the training patches, stored with the weights).
 
     Writes ``uns[key_added]`` in every sample: ``params``, ``config``, ``state`` (the weights as arrays),
     ``scaling`` (mode and limits), ``categories``, ``history``. Returns the history (``train``, ``val``,
@@ -210,32 +235,32 @@ def train_patch_cvae(adatas, *, n_latent_dim: int = 32, n_dense_dim: int = 64, c
     adatas = _as_dict(adatas)
     what = "train_patch_cvae"
     first = _check_patches(adatas, patches_key, what)
-    if int(n_latent_dim) < 1 or int(n_dense_dim) < 1 or int(epochs) < 1 or int(batch_size) < 1:
-        raise InputError(f"{what}: n_latent_dim, n_dense_dim, epochs and batch_size must be positive")
-    if not 0.0 <= float(val_fraction) < 1.0:
-        raise InputError(f"{what}: val_fraction must lie in [0, 1), not {val_fraction}")
+    filters = _check_training(what, n_latent_dim, n_dense_dim, epochs, batch_size, filters, schedule, beta,
+                              kl_warmup, weight_decay, val_fraction)
     seed = settings.seed if seed is None else int(seed)
     conditions = [conditions] if isinstance(conditions, str) else list(conditions or [])
     device = resolve_device(use_gpu)
     n = sum(ad.n_obs for ad in adatas.values())
     shape = tuple(first["shape"])
-    check_memory(K.estimate_memory(n, shape, int(batch_size), int(n_latent_dim), int(n_dense_dim)), device,
-                 max_memory, f"{what} on samples {list(adatas)}")
+    check_memory(K.estimate_memory(n, shape, int(batch_size), int(n_latent_dim), int(n_dense_dim), filters),
+                 device, max_memory, f"{what} on samples {list(adatas)}")
     cond, cats = _conditions(adatas, conditions)
     mode_global = not first["params"]["scale_per_sample"]
     x, limits = _scaled(adatas, patches_key, mode_global)
     net, hist = K.train_cvae(x, cond, n_latent=int(n_latent_dim), n_dense=int(n_dense_dim), epochs=int(epochs),
                              batch_size=int(batch_size), lr=float(lr), beta=float(beta),
                              val_fraction=float(val_fraction), patience=int(patience),
-                             lr_patience=int(lr_patience), seed=seed, device=device)
-    config = {"shape": list(shape), "n_cond": int(cond.shape[1]), "n_latent": int(n_latent_dim),
-              "n_dense": int(n_dense_dim)}
+                             lr_patience=int(lr_patience), seed=seed, filters=filters, residual=bool(residual),
+                             augment=bool(augment), kl_warmup=int(kl_warmup), schedule=schedule,
+                             weight_decay=float(weight_decay), device=device)
     entry = {"params": {"n_latent_dim": int(n_latent_dim), "n_dense_dim": int(n_dense_dim),
                         "conditions": conditions, "epochs": int(epochs), "batch_size": int(batch_size),
                         "lr": float(lr), "beta": float(beta), "val_fraction": float(val_fraction),
                         "patience": int(patience), "lr_patience": int(lr_patience), "patches_key": patches_key,
-                        "seed": seed, "use_gpu": bool(use_gpu), "samples": list(adatas)},
-             "version": __version__, "config": config, "state": K.state_to_numpy(net),
+                        "seed": seed, "use_gpu": bool(use_gpu), "samples": list(adatas), "filters": filters,
+                        "residual": bool(residual), "augment": bool(augment), "kl_warmup": int(kl_warmup),
+                        "schedule": schedule, "weight_decay": float(weight_decay)},
+             "version": __version__, "config": net.config(), "state": K.state_to_numpy(net),
              "scaling": {"global": bool(mode_global), "percentile": float(first["params"]["scale_percentile"]),
                          "channels": list(first["channels"]), "limits": limits},
              "categories": cats, "history": {k: v for k, v in hist.items() if k != "val_index"}}
