@@ -19,7 +19,10 @@ import scipy.sparse as sp
 import torch
 
 from expkit.errors import InputError, KeyNotFoundError
+from expkit.kernels import nnls as kn
+from expkit.kernels import device as kdev
 from expkit.kernels import rctd as kr
+from expkit.kernels.device import single_thread
 from expkit.kernels.nnls import nnls_graph, qp_nonneg
 from expkit.spatial.deconvolution import deconvolve, simulate_spots, split_cells
 
@@ -91,6 +94,101 @@ def test_qp_nonneg_satisfies_kkt():
     assert float(grad.min()) > -1e-9                                   # dual feasibility
     assert float((x * grad).abs().max()) < 1e-9                        # complementarity
     assert bool((x > 0).any()) and bool((x == 0).any())
+
+
+def test_table_derivatives_match_the_interpolated_rows():
+    """The derivative planes (cubic in powers of the grid offset) against RCTD's formula on the three
+    Lagrange-interpolated rows k, k + 1, k + 2, at counts and means spread over the table."""
+    g = torch.Generator().manual_seed(3)
+    y = torch.randint(0, 300, (2000,), generator=g).double()
+    y[:5] = torch.tensor([0.0, 1.0, 999.0, 1000.0, 1500.0])             # K_MAX and a clipped count
+    lam = torch.exp(torch.empty(2000, dtype=torch.float64).uniform_(-9.5, 8.6, generator=g))
+    tab = kr.LikelihoodTable(0.4, torch.device("cpu"), kr.needed_rows(y))
+    k = y.clamp(0, kr.K_MAX).long()
+    lam_c, pos, c = tab._coef(lam)
+    v = tab._rows(k, pos, c, 3)
+    r1, r2 = torch.exp(v[:, 1] - v[:, 0]), torch.exp(v[:, 2] - v[:, 0])
+    kf = k.double()
+    d1 = (kf - (kf + 1) * r1) / lam_c
+    d2 = (kf * (kf - 1) - 2 * kf * (kf + 1) * r1 + (kf + 1) * (kf + 2) * r2) / lam_c ** 2 - d1 ** 2
+    e1, e2 = tab.derivatives(y, lam)
+    # the formulas subtract terms of size ~k^2 / lam^2: compare at the scale of those terms
+    s1 = (kf + (kf + 1) * r1) / lam_c
+    s2 = (kf * (kf + 1) + 2 * kf * (kf + 1) * r1 + (kf + 1) * (kf + 2) * r2) / lam_c ** 2 + d1 ** 2
+    assert float(((e1 - d1).abs() / s1.clamp_min(1e-300)).max()) < 1e-9
+    assert float(((e2 - d2).abs() / s2.clamp_min(1e-300)).max()) < 1e-9
+    assert torch.allclose(tab.nll(y, lam), -v[:, 0], rtol=1e-12, atol=1e-9)
+
+
+def test_qp_nonneg_warm_start_finds_the_same_solution():
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(200, 12, 12, generator=g, dtype=torch.float64)
+    d = a @ a.transpose(1, 2) + 0.1 * torch.eye(12, dtype=torch.float64)
+    b = torch.randn(200, 12, generator=g, dtype=torch.float64)
+    x = qp_nonneg(d, b)
+    for guess in (x > 0, torch.rand(200, 12, generator=g) < 0.5, torch.zeros(200, 12, dtype=torch.bool)):
+        assert torch.allclose(qp_nonneg(d, b, free0=guess), x, atol=1e-10)
+
+
+def test_fit_parts_side_by_side_equal_one_thread(data, monkeypatch):
+    """RCTD fits run as two halves in two threads on the CPU: the same numbers as one after the other."""
+    ref, spots = data
+    y = torch.as_tensor(spots.layers["counts"][:, :150].toarray(), dtype=torch.float64)
+    prof = torch.as_tensor(np.asarray(ref.layers["counts"][:19 * 15:15, :150].todense()), dtype=torch.float64)
+    prof = (prof + 0.5) / (prof + 0.5).sum(1, keepdim=True)
+    numi = y.sum(1)
+    tab = kr.LikelihoodTable(0.5, torch.device("cpu"), kr.needed_rows(y))
+    assert len(kdev.parts(len(y), 2048, torch.device("cpu"))) == 2
+    out = {}
+    for workers in (1, 2):
+        monkeypatch.setattr(kdev, "MAX_WORKERS", workers)
+        with single_thread(torch.device("cpu")):
+            out[workers] = kr.fit_weights(prof, y, numi, tab)
+    assert torch.equal(out[1][0], out[2][0]) and torch.equal(out[1][1], out[2][1])
+    assert bool(out[1][1].all())
+
+
+def test_sigma_search_matches_rctd_full_window(data, monkeypatch):
+    """The few-table window search picks RCTD's sigma (the argmin over all of each epoch's window), and the
+    rows-only score tables give RCTD's score (full table, all counts)."""
+    ref, spots = data
+    seen = {}
+    original = kr.choose_sigma
+
+    def record(prof_t, y, numi, **kw):
+        seen.update(prof=prof_t, y=y, numi=numi, sigma=original(prof_t, y, numi, **kw))
+        return seen["sigma"]
+
+    monkeypatch.setattr(kr, "choose_sigma", record)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = deconvolve(spots.copy(), reference=ref, min_cells_per_type=10, seed=0)
+    assert res["sigma"] == seen["sigma"]
+    prof, y, numi = seen["prof"], seen["y"], seen["numi"]
+    cpu = torch.device("cpu")
+    with single_thread(cpu):
+        assert original(prof, y, numi, exhaustive=True) == seen["sigma"]
+        w, _ = kr.fit_weights(prof, y, numi, kr.likelihood_table(0.5, cpu, kr.needed_rows(y)))
+        pred = ((w @ prof) * numi[:, None]).clamp_min(1e-4)
+        profile = kr._SigmaProfile(y)
+        profile.set_means(pred)
+        for sigma in (0.2, 0.5, 1.3):
+            full = kr.LikelihoodTable(sigma, cpu)
+            direct = min(float(full.nll(y, pred * m).sum()) for m in (0.8, 0.9, 1.0, 1.1, 1.2))
+            assert profile(sigma) == pytest.approx(direct, rel=1e-12)
+
+
+def test_window_argmin_equals_the_argmin_of_unimodal_profiles():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        n = int(rng.integers(1, 30))
+        v = (np.arange(n) - rng.uniform(-3, n + 3)) ** 2 * rng.uniform(0.1, 3)
+        i0 = int(rng.integers(0, n))
+        lo, hi = max(0, i0 - 8), min(n - 1, i0 + 8)
+        calls = []
+        best = kr._window_argmin(lambda i: (calls.append(i), v[i])[1], i0, lo, hi)
+        assert best == lo + int(np.argmin(v[lo:hi + 1]))
+        assert len(set(calls)) <= hi - lo + 1
 
 
 def test_nnls_graph_penalty_smooths_and_converges():

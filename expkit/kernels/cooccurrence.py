@@ -14,17 +14,15 @@ array, in blocks of ~1M pairs:
 3. one ``bincount`` per block over (column label, bin); the few sentinel pairs (about one in a thousand) get
    their exact squared distance (the fused formula above) and a binary search over the thresholds.
 
-The block list is split over ``torch.get_num_threads()`` worker threads, each running single-threaded torch
-operations (integer counts: the result does not depend on the split).
+The block list is cut into ``MAX_WORKERS`` interleaved parts run side by side in threads on the CPU
+(:func:`expkit.kernels.device.run_parallel`; integer counts: the result does not depend on the split).
 """
 from __future__ import annotations
-
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
-from .device import single_thread
+from .device import MAX_WORKERS, run_parallel, single_thread
 
 _CHUNK_ELEMENTS = 1 << 20  # ~1M pairs per block (~10 MiB of temporaries)
 _SHIFT = 8                 # table bucket = 2**8 ulps of the squared distance
@@ -160,7 +158,8 @@ def cooccurrence_counts(xy: np.ndarray, codes: np.ndarray, k: int, thresholds: n
                         device: torch.device, chunk_elements: int = _CHUNK_ELEMENTS,
                         n_workers: int | None = None) -> np.ndarray:
     """``(k, k, L)`` int64 counts of ordered pairs ``i != j`` with squared distance <= ``thresholds[r]^2``
-    (float32 coordinates and thresholds, sorted thresholds; see the module for the method)."""
+    (float32 coordinates and thresholds, sorted thresholds; see the module for the method). ``n_workers``:
+    the number of parts the blocks are cut into (default ``MAX_WORKERS``; the counts do not depend on it)."""
     xy = np.asarray(xy, dtype=np.float32)
     table = BitTable(thresholds, device)
     t_max = float(np.max(thresholds)) if np.size(thresholds) else 0.0
@@ -169,16 +168,10 @@ def cooccurrence_counts(xy: np.ndarray, codes: np.ndarray, k: int, thresholds: n
     base_dtype = torch.int16 if k * nb < 2 ** 15 else torch.int32
     col_base = torch.as_tensor(P.lab * nb, device=device).to(base_dtype)
     blocks = P.blocks(int(chunk_elements))
-    if n_workers is None:
-        n_workers = torch.get_num_threads() if device.type == "cpu" else 1
-    n_workers = max(1, min(int(n_workers), len(blocks)))
+    n_parts = max(1, min(int(n_workers or MAX_WORKERS), len(blocks)))
+    parts = [blocks[i::n_parts] for i in range(n_parts)]   # interleaved: similar loads
     with single_thread(device):
-        parts = [blocks[i::n_workers] for i in range(n_workers)]   # interleaved: similar loads
-        if n_workers == 1:
-            hists = [_count_blocks(P, table, blocks, col_base, nb)]
-        else:
-            with ThreadPoolExecutor(n_workers) as pool:
-                hists = list(pool.map(lambda part: _count_blocks(P, table, part, col_base, nb), parts))
+        hists = run_parallel(lambda part: _count_blocks(P, table, part, col_base, nb), parts, device)
     hist = torch.zeros((k, k * nb), dtype=torch.int64, device=device)
     for h in hists:
         hist += h

@@ -1,7 +1,9 @@
 """Device resolution and array movement, the one place that knows about CUDA."""
 from __future__ import annotations
 
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import numpy as np
@@ -77,3 +79,47 @@ def single_thread(device: torch.device):
     finally:
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------
+# many independent problems in parts, side by side on the CPU
+# --------------------------------------------------------------------------------------------
+MIN_PART = 32                    # a CPU batch of at least twice this many problems runs as two parts
+
+
+def parts(n: int, chunk: int, device: torch.device) -> list:
+    """Contiguous ranges of at most ``chunk`` problems; on the CPU of at most ``chunk // 2`` (two run side
+    by side in :func:`run_parallel`: the memory of one chunk) and at least two when ``n >= 2 MIN_PART``.
+    Fixed by ``n`` and ``chunk``: the same split on every machine, whatever its cores."""
+    if device.type == "cpu":
+        n_parts = -(-n // max(chunk // 2, 1))
+        if n >= 2 * MIN_PART:
+            n_parts = max(n_parts, 2)
+    else:
+        n_parts = -(-n // chunk)
+    cuts = np.linspace(0, n, n_parts + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+MAX_WORKERS = 2
+
+
+def _cpu_workers() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:                               # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, MAX_WORKERS))
+
+
+def run_parallel(fn, jobs: list, device: torch.device) -> list:
+    """``[fn(j) for j in jobs]``; on the CPU, when torch runs one intra-op thread (as inside
+    :func:`expkit.kernels.device.single_thread`), in up to ``MAX_WORKERS`` Python threads (at most the
+    cores available): torch releases the GIL inside its operations, so two parts use two cores without
+    OpenMP's spinning workers. Each part computes the same as alone: results do not depend on the threads."""
+    one_thread = torch.get_num_threads() == 1
+    workers = min(len(jobs), _cpu_workers()) if device.type == "cpu" and one_thread else 1
+    if workers <= 1:
+        return [fn(j) for j in jobs]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fn, jobs))

@@ -19,16 +19,24 @@ so that the gradient and Hessian of the log-likelihood need only ratios of table
 Weights. Per spot, RCTD's damped Newton steps: Hessian of the negative log-likelihood made positive
 definite (eigenvalues clipped at 1e-3), scaled by its norm, the quadratic sub-problem solved under
 ``w + step >= 0`` (a small non-negative QP, solved here for all spots at once by a primal-dual
-active-set method with batched linear solves, see :func:`expkit.kernels.nnls.qp_nonneg`), and
-``w <- w + 0.3 step``; a spot stops when the step changes ``w`` by less than ``min_change``.
+active-set method with batched linear solves, see :func:`expkit.kernels.nnls.qp_nonneg`, started from
+the previous step's support), and ``w <- w + 0.3 step``; a spot stops when the step changes ``w`` by less
+than ``min_change`` and leaves the batch. The Hessian of shared profiles is one matrix product with the
+products of profile pairs; on the CPU a batch runs as two halves side by side
+(:func:`expkit.kernels.device.run_parallel`).
+
+Sigma. RCTD's search (:func:`choose_sigma`) on tables of the counts' rows only, the grid positions of
+the fitted means computed once per epoch, and the window's argmin from a few tables (unimodal profile).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import torch
 
+from .device import parts, run_parallel
 from .nnls import qp_nonneg
 
 K_MAX = 1000                     # counts are clipped here (RCTD's K_val, the size of its shipped tables)
@@ -38,6 +46,7 @@ EPS_RANGE = 20.0                 # the noise integral runs over e in [-20, 20]
 SIGMA_GRID = np.concatenate([np.arange(10, 71), np.arange(36, 101) * 2]) / 100.0  # RCTD's candidate sigmas
 
 _TABLES: dict = {}
+_PLANES: list = []                # the tables holding derivative planes (at most 2)
 
 
 def heavy_tail_density(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -52,67 +61,161 @@ def heavy_tail_density(x: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.where(z.abs() < 3.0, inner, outer) / sigma
 
 
+T0 = math.log(LAMBDA_MIN)
+N_T = int(math.ceil((math.log(LAMBDA_MAX) - T0) / T_STEP)) + 1      # grid points in log(lambda)
+
+
+def grid_pos(lam: torch.Tensor):
+    """Grid position ``pos`` of each ``lam`` (clamped to the grid) and its offset ``u = x - pos`` from it
+    (``x`` the fractional grid index; ``u`` in [0, 1) but at the two ends of the grid)."""
+    x = torch.log(lam.clamp(LAMBDA_MIN * 1.0001, LAMBDA_MAX * 0.999)).sub_(T0).div_(T_STEP)
+    fl = x.floor().clamp_(1, N_T - 3)
+    return fl.long(), x.sub_(fl)
+
+
+def grid_coef(lam: torch.Tensor):
+    """Grid position of each ``lam`` (clamped to the grid) and its four 4-point Lagrange weights (a list of
+    tensors shaped like ``lam``): ``value = sum_j c_j table[pos - 1 + j]``."""
+    pos, u = grid_pos(lam)
+    omu, tmu, up1 = 1 - u, 2 - u, u + 1
+    a = (u * omu).mul_(-1 / 6)                       # u (u - 1) / 6
+    nb = (up1 * tmu).mul_(0.5)                       # -(u + 1)(u - 2) / 2
+    return pos, [a * tmu, nb * omu, nb * u, a.mul_(up1)]
+
+
+def _cubic_coefficients(plane: torch.Tensor) -> list:
+    """The same cubic as the Lagrange weights, in powers of ``u``: ``a_j[i]`` from ``plane[i - 1 .. i + 2]``
+    stored at ``i - 1`` (flat planes; the last three entries are never read)."""
+    f = [plane[j: len(plane) - 3 + j] for j in range(4)]
+    out = [torch.zeros_like(plane) for _ in range(4)]
+    out[0][:-3] = f[1]
+    out[1][:-3] = f[2] - f[0] / 3 - f[1] / 2 - f[3] / 6
+    out[2][:-3] = (f[0] + f[2]) / 2 - f[1]
+    out[3][:-3] = (f[3] - f[0]) / 6 + (f[1] - f[2]) / 2
+    return out
+
+
+def _horner(coef: list, idx: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``a0 + u (a1 + u (a2 + u a3))`` with the coefficients read at ``idx``."""
+    flat = idx.reshape(-1)
+    uf = u.reshape(-1)
+    v = coef[3].index_select(0, flat).mul_(uf).add_(coef[2].index_select(0, flat))
+    v.mul_(uf).add_(coef[1].index_select(0, flat))
+    return v.mul_(uf).add_(coef[0].index_select(0, flat)).reshape(idx.shape)
+
+
+def _interp(plane: torch.Tensor, idx: torch.Tensor, c) -> torch.Tensor:
+    """``sum_j c_j plane[idx + j]``: ``plane`` a flat table, ``idx`` the flat index of each first point."""
+    flat_idx = idx.reshape(-1)
+    out = plane.index_select(0, flat_idx).mul_(c[0].reshape(-1))
+    for j in range(1, 4):
+        out.addcmul_(plane[j:].index_select(0, flat_idx), c[j].reshape(-1))
+    return out.reshape(idx.shape)
+
+
+def row_offsets(rows: np.ndarray, derivs: bool) -> torch.Tensor:
+    """For each count ``k <= K_MAX + 2`` the flat offset of its row in a table of ``rows``, or -1
+    where the table cannot answer: ``k`` not a row, or with ``derivs`` ``k + 1`` / ``k + 2`` not the next rows."""
+    row_of = torch.full((K_MAX + 5,), -1, dtype=torch.long)
+    row_of[torch.as_tensor(rows)] = torch.arange(len(rows))
+    ok = row_of[:-2] >= 0
+    if derivs:
+        ok &= (row_of[1:-1] == row_of[:-2] + 1) & (row_of[2:] == row_of[:-2] + 2)
+    return torch.where(ok, row_of[:-2] * N_T, -1)
+
+
+def count_offsets(y: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The flat offsets of the (clipped) counts ``y`` in a table (see :func:`row_offsets`), checked once."""
+    off = offsets[y.clamp(0, K_MAX).long()]
+    if bool((off < 0).any()):
+        raise ValueError("likelihood table built without the rows these counts need (see needed_rows)")
+    return off
+
+
+def count_constants(kf: torch.Tensor):
+    """``(k + 1, k (k - 1), 2 k (k + 1), (k + 1)(k + 2))`` of float counts: the derivatives' polynomials."""
+    k1 = kf + 1
+    return k1, kf * (kf - 1), 2 * kf * k1, k1 * (kf + 2)
+
+
 class LikelihoodTable:
     """``log P(y = k | lambda)`` on a uniform grid of ``log lambda`` for the counts ``rows`` (sorted; by
     default ``0 .. K_MAX + 2``): only the counts a data set holds (and ``+1``, ``+2`` for the derivatives)
-    are ever read, so a table of those rows gives the same values as the full one at a fraction of the cost."""
+    are ever read, so a table of those rows gives the same values as the full one at a fraction of the cost.
+    Counts above ``K_MAX`` are clipped to it. The derivatives read two planes built on first use,
+    ``log P_{k+1} - log P_k`` and ``log P_{k+2} - log P_k``, as the coefficients of the same cubic in
+    powers of the grid offset (Horner's rule: no interpolation weights per call)."""
 
     def __init__(self, sigma: float, device: torch.device, rows: np.ndarray | None = None):
         self.sigma = float(sigma)
         self.device = device
-        rows = np.arange(K_MAX + 3) if rows is None else np.asarray(rows, dtype=np.int64)
-        self.k_max = min(int(rows.max()) - 2, K_MAX)
-        self.t0 = math.log(LAMBDA_MIN)
-        self.n_t = int(math.ceil((math.log(LAMBDA_MAX) - self.t0) / T_STEP)) + 1
-        self.log_q = _log_q_table(self.sigma, self.t0, self.n_t, torch.as_tensor(rows)).to(device)
+        self.rows = np.arange(K_MAX + 3) if rows is None else np.asarray(rows, dtype=np.int64)
+        self.k_max = K_MAX
+        self.t0, self.n_t = T0, N_T
+        self.log_q = _log_q_table(self.sigma, self.t0, self.n_t, torch.as_tensor(self.rows)).to(device)
         self.flat = self.log_q.reshape(-1)
-        row_of = torch.full((K_MAX + 5,), -1, dtype=torch.long)
-        row_of[torch.as_tensor(rows)] = torch.arange(len(rows))
-        # a count k can be queried when k, k + 1 and k + 2 are rows (then they are consecutive rows)
-        ok = (row_of[:-2] >= 0) & (row_of[1:-1] == row_of[:-2] + 1) & (row_of[2:] == row_of[:-2] + 2)
-        self.base = torch.where(ok, row_of[:-2] * self.n_t, -1).to(device)
+        self.offsets1 = row_offsets(self.rows, False).to(device)
+        self.offsets3 = row_offsets(self.rows, True).to(device)
+        self._planes = None
+
+    def planes(self):
+        """The cubic coefficients (:func:`_cubic_coefficients`) of ``log P_{k+1} - log P_k`` and of
+        ``log P_{k+2} - log P_k`` at every row ``k`` (rows whose ``k + 1``, ``k + 2`` are not the next
+        rows hold values never read); built on first use and kept for the most recent tables only."""
+        if self._planes is None:
+            q = self.log_q
+            d1, d2 = torch.zeros_like(q), torch.zeros_like(q)
+            d1[:-1] = q[1:] - q[:-1]
+            d2[:-2] = q[2:] - q[:-2]
+            self._planes = (_cubic_coefficients(d1.reshape(-1)), _cubic_coefficients(d2.reshape(-1)))
+            _PLANES.append(self)
+            while len(_PLANES) > 2:
+                _PLANES.pop(0)._planes = None
+        return self._planes
 
     def _coef(self, lam: torch.Tensor):
-        """Grid position and the 4-point Lagrange weights of each ``lam`` (clamped to the grid)."""
-        lam = lam.clamp(LAMBDA_MIN * 1.0001, LAMBDA_MAX * 0.999)
-        x = (torch.log(lam) - self.t0) / T_STEP
-        pos = x.floor().long().clamp(1, self.n_t - 3)
-        u = x - pos
-        c = torch.stack([-u * (u - 1) * (u - 2) / 6, (u + 1) * (u - 1) * (u - 2) / 2,
-                         -(u + 1) * u * (u - 2) / 2, (u + 1) * u * (u - 1) / 6], -1)
-        return lam, pos, c
+        """Clamped ``lam``, grid position and the 4-point Lagrange weights (..., 4) of each ``lam``."""
+        pos, c = grid_coef(lam)
+        return lam.clamp(LAMBDA_MIN * 1.0001, LAMBDA_MAX * 0.999), pos, torch.stack(c, -1)
 
     def _rows(self, k: torch.Tensor, pos: torch.Tensor, c: torch.Tensor, n_rows: int) -> torch.Tensor:
         """Interpolated ``log_q[k + r]`` at the positions, for ``r < n_rows``: (..., n_rows)."""
-        base = self.base[k]
+        base = (self.offsets3 if n_rows > 1 else self.offsets1)[k]
         if bool((base < 0).any()):
             raise ValueError("likelihood table built without the rows these counts need (see needed_rows)")
-        offs = (torch.arange(n_rows, device=k.device)[:, None] * self.n_t
-                + torch.arange(-1, 3, device=k.device)[None, :]).reshape(-1)
-        vals = self.flat[(base + pos)[..., None] + offs].reshape(*k.shape, n_rows, 4)
-        return (vals * c[..., None, :]).sum(-1)
+        cs = c.unbind(-1)
+        return torch.stack([_interp(self.flat, base + pos + (r * self.n_t - 1), cs) for r in range(n_rows)], -1)
 
     def nll(self, y: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-        """Negative log-likelihood of each count ``y`` (clipped at ``k_max``) at mean ``lam``."""
-        _, pos, c = self._coef(lam)
-        return -self._rows(y.clamp(0, self.k_max).long(), pos, c, 1)[..., 0]
+        """Negative log-likelihood of each count ``y`` (clipped at ``K_MAX``) at mean ``lam``."""
+        pos, c = grid_coef(lam)
+        return -_interp(self.flat, pos.add_(count_offsets(y, self.offsets1)).sub_(1), c)
+
+    def derivatives_at(self, off: torch.Tensor, kf: torch.Tensor, lam: torch.Tensor, consts=None):
+        """First and second derivatives in ``lam`` of the log-likelihood of the counts ``kf`` (float,
+        clipped) whose offsets ``off`` come from :func:`count_offsets` of ``offsets3`` (``consts``: the
+        count polynomials of :func:`count_constants`, precomputed for repeated calls)."""
+        k1, a2, a3, a4 = count_constants(kf) if consts is None else consts
+        lam = lam.clamp(LAMBDA_MIN * 1.0001, LAMBDA_MAX * 0.999)
+        pos, u = grid_pos(lam)
+        p1, p2 = self.planes()
+        idx = pos.add_(off).sub_(1)
+        r1 = _horner(p1, idx, u).exp_()
+        r2 = _horner(p2, idx, u).exp_()
+        d1 = torch.addcmul(kf, k1, r1, value=-1).div_(lam)
+        d2 = torch.addcmul(a2, a3, r1, value=-1).addcmul_(a4, r2).div_(lam).div_(lam).addcmul_(d1, d1, value=-1)
+        return d1, d2
 
     def derivatives(self, y: torch.Tensor, lam: torch.Tensor):
         """First and second derivatives in ``lam`` of the log-likelihood, elementwise."""
-        lam, pos, c = self._coef(lam)
-        k = y.clamp(0, self.k_max).long()
-        v = self._rows(k, pos, c, 3)
-        r1 = torch.exp(v[..., 1] - v[..., 0])
-        r2 = torch.exp(v[..., 2] - v[..., 0])
-        kf = k.to(lam.dtype)
-        d1 = (kf - (kf + 1) * r1) / lam
-        d2 = (kf * (kf - 1) - 2 * kf * (kf + 1) * r1 + (kf + 1) * (kf + 2) * r2) / lam ** 2 - d1 ** 2
-        return d1, d2
+        kf = y.clamp(0, K_MAX).to(lam.dtype)
+        return self.derivatives_at(count_offsets(y, self.offsets3), kf, lam)
 
 
 _F_SPEC: dict = {}
 
 
+@functools.lru_cache(maxsize=8)
 def _fft_size(n: int) -> int:
     """The smallest 2^a 3^b 5^c >= n (fast FFT lengths)."""
     best = 1 << int(math.ceil(math.log2(n)))
@@ -146,9 +249,16 @@ def _log_q_table(sigma: float, t0: float, n_t: int, rows: torch.Tensor) -> torch
     n_fft = _fft_size(n_t + 2 * n_e)
     # correlation: Q[k, i] = sum_j f[k, i + j] p[j] (j over the 2 n_e + 1 noise points); every index
     # i + j stays below len(f) = n_t + 2 n_e, so a circular transform of that length does not wrap
-    spec = _poisson_spectrum(t0, n_t, n_e, n_fft)[rows] * torch.fft.rfft(torch.flip(p, [0]), n_fft)[None, :]
-    q = torch.fft.irfft(spec, n_fft)[:, 2 * n_e: 2 * n_e + n_t]
-    return torch.log(q.clamp_min(1e-300))
+    f_spec = _poisson_spectrum(t0, n_t, n_e, n_fft)
+    p_spec = torch.fft.rfft(torch.flip(p, [0]), n_fft)[None, :]
+    rows = rows.long()
+
+    def part(bounds):
+        spec = f_spec.index_select(0, rows[bounds[0]:bounds[1]]).mul_(p_spec)
+        return torch.fft.irfft(spec, n_fft)[:, 2 * n_e: 2 * n_e + n_t].clamp_min(1e-300).log_()
+
+    cpu = torch.device("cpu")
+    return torch.cat(run_parallel(part, parts(len(rows), 1 << 30, cpu), cpu))     # two halves of the rows
 
 
 def needed_rows(y: torch.Tensor) -> np.ndarray:
@@ -171,26 +281,34 @@ def likelihood_table(sigma: float, device: torch.device, rows: np.ndarray | None
 # --------------------------------------------------------------------------------------------
 # per-spot weights: damped Newton steps with a non-negative QP, batched over spots
 # --------------------------------------------------------------------------------------------
-def _psd(h: torch.Tensor, floor: float = 1e-3) -> torch.Tensor:
-    """The matrix with its eigenvalues clipped at ``floor`` (RCTD's psd); a Cholesky test skips the
-    eigendecomposition for the (usual) matrices that already have every eigenvalue above the floor."""
+def _psd_norm(h: torch.Tensor, floor: float = 1e-3):
+    """The matrices with their eigenvalues clipped at ``floor`` (RCTD's psd) and their largest eigenvalue
+    (RCTD's 2-norm). A Cholesky test skips the eigendecomposition for the matrices that already have every
+    eigenvalue above the floor; their norm comes from power iteration."""
     eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
     _, info = torch.linalg.cholesky_ex(h - floor * eye)
     bad = info != 0
-    if bool(bad.any()):
+    norm = torch.empty(h.shape[0], dtype=h.dtype, device=h.device)
+    n_bad = int(bad.sum())
+    if n_bad:
         vals, vecs = torch.linalg.eigh(h[bad])
+        vals = vals.clamp_min(floor)
         h = h.clone()
-        h[bad] = (vecs * vals.clamp_min(floor)[:, None, :]) @ vecs.transpose(1, 2)
-    return h
+        h[bad] = (vecs * vals[:, None, :]) @ vecs.transpose(1, 2)
+        norm[bad] = vals[:, -1]
+    if n_bad < h.shape[0]:
+        good = ~bad
+        norm[good] = _spectral_norm(h[good])
+    return h, norm
 
 
 def _spectral_norm(m: torch.Tensor, n_iter: int = 12) -> torch.Tensor:
     """Largest eigenvalue of a batch of symmetric positive definite matrices (power iteration)."""
-    v = torch.ones(m.shape[:-1], dtype=m.dtype, device=m.device)
+    v = torch.ones(m.shape[:-1] + (1,), dtype=m.dtype, device=m.device)
     for _ in range(n_iter):
-        v = torch.einsum("bkl,bl->bk", m, v)
+        v = torch.bmm(m, v)
         v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    return torch.einsum("bk,bkl,bl->b", v, m, v)
+    return (v * torch.bmm(m, v)).sum((1, 2))
 
 
 def _bulk_derivatives(b: torch.Tensor, lam: torch.Tensor):
@@ -199,53 +317,88 @@ def _bulk_derivatives(b: torch.Tensor, lam: torch.Tensor):
     return -2 * r / lam, -2 * (1 - r) / lam ** 2
 
 
-def _newton_step(prof, scale, y, w, thr, table, bulk):
-    """One damped step for a batch: ``prof`` (k, G) shared or (B, k, G) per problem, ``scale`` (B,) the
-    spots' totals, ``y`` (B, G), ``w`` (B, k)."""
+class _Batch:
+    """The fixed part of a batch of problems: profiles ``prof`` (k, G) shared or (B, k, G) per problem,
+    the spots' totals, counts, floors on the mean and, for the likelihood, the counts' table offsets;
+    for shared profiles the products ``prof_k * prof_l`` of the Hessian's upper triangle (G, pairs)."""
+
+    def __init__(self, prof, scale, y, thr, table, pairs=None):
+        self.prof, self.scale, self.y, self.thr = prof, scale, y, thr
+        self.shared = prof.dim() == 2
+        if table is not None:
+            self.kf = y.clamp(0, K_MAX)
+            self.off = count_offsets(y, table.offsets3)
+            self.consts = count_constants(self.kf)
+        if self.shared and pairs is None:
+            k = prof.shape[0]
+            iu, ju = torch.triu_indices(k, k, device=prof.device)
+            pairs = (iu, ju, (prof[iu] * prof[ju]).T.contiguous())
+        self.pairs = pairs
+
+    def take(self, keep: torch.Tensor) -> "_Batch":
+        out = _Batch.__new__(_Batch)
+        out.__dict__.update(self.__dict__)
+        for name in ("scale", "y", "thr", "kf", "off"):
+            if name in self.__dict__:
+                setattr(out, name, self.__dict__[name][keep])
+        if "consts" in self.__dict__:
+            out.consts = tuple(v[keep] for v in self.consts)
+        if not self.shared:
+            out.prof = self.prof[keep]
+        return out
+
+    def hessian(self, d2: torch.Tensor) -> torch.Tensor:
+        """``-sum_g d2_g prof_g prof_g'`` per problem."""
+        if not self.shared:
+            return -torch.bmm(self.prof * d2[:, None, :], self.prof.transpose(1, 2))
+        iu, ju, p2 = self.pairs
+        h = d2 @ p2
+        k = self.prof.shape[0]
+        out = torch.empty((d2.shape[0], k, k), dtype=h.dtype, device=h.device)
+        out[:, iu, ju] = h
+        out[:, ju, iu] = h
+        return out.neg_()
+
+
+def _newton_step(batch: _Batch, w, table, bulk, free):
+    """One damped step for a batch (``w`` (B, k)); returns the new weights and the QP's support (the
+    next step's starting guess)."""
     w = w.clamp_min(0.0)
-    shared = prof.dim() == 2
-    raw = w @ prof if shared else torch.bmm(w[:, None, :], prof)[:, 0]
-    lam = torch.maximum((raw * scale[:, None]).abs(), thr[:, None])
-    d1, d2 = _bulk_derivatives(y, lam) if bulk else table.derivatives(y, lam)
-    d1, d2 = d1 * scale[:, None], d2 * (scale * scale)[:, None]
-    if shared:
-        grad = -(d1 @ prof.T)
-        hess = -((d2[:, None, :] * prof[None]).reshape(-1, prof.shape[1]) @ prof.T).reshape(len(w), -1, prof.shape[0])
+    prof, scale = batch.prof, batch.scale
+    raw = w @ prof if batch.shared else torch.bmm(w[:, None, :], prof)[:, 0]
+    lam = torch.maximum((raw * scale[:, None]).abs(), batch.thr[:, None])
+    if bulk:
+        d1, d2 = _bulk_derivatives(batch.y, lam)
     else:
-        grad = -torch.bmm(prof, d1[:, :, None])[:, :, 0]
-        hess = -torch.bmm(prof * d2[:, None, :], prof.transpose(1, 2))
-    d_mat = _psd(hess)
-    norm = _spectral_norm(d_mat)[:, None]
-    d_mat = d_mat / norm[:, :, None] + 1e-7 * torch.eye(w.shape[1], dtype=w.dtype, device=w.device)
-    d_vec = -grad / norm
-    x = qp_nonneg(d_mat, torch.einsum("bkl,bl->bk", d_mat, w) + d_vec)   # x = w + step >= 0
-    return w + 0.3 * (x - w)
+        d1, d2 = table.derivatives_at(batch.off, batch.kf, lam, batch.consts)
+    d1, d2 = d1.mul_(scale[:, None]), d2.mul_((scale * scale)[:, None])
+    grad = -(d1 @ prof.T) if batch.shared else -torch.bmm(prof, d1[:, :, None])[:, :, 0]
+    d_mat, norm = _psd_norm(batch.hessian(d2))
+    d_mat = d_mat / norm[:, None, None] + 1e-7 * torch.eye(w.shape[1], dtype=w.dtype, device=w.device)
+    d_vec = -grad / norm[:, None]
+    x = qp_nonneg(d_mat, torch.bmm(d_mat, w[:, :, None])[:, :, 0] + d_vec, free0=free)   # x = w + step >= 0
+    return w + 0.3 * (x - w), x > 0
 
 
-def _iterate(prof, scale, y, thr, w, table, bulk, n_iter, min_change):
+def _iterate(batch: _Batch, w, table, bulk, n_iter, min_change):
     """Damped Newton steps until each problem's L1 change falls below ``min_change``: a finished problem
-    is frozen (its last step kept, as RCTD stops it) and the batch is compacted once a third is frozen."""
+    keeps its last step (as RCTD stops it) and leaves the batch at once."""
     w = w.clone()
     conv = torch.zeros(w.shape[0], dtype=torch.bool, device=w.device)
     act = torch.arange(w.shape[0], device=w.device)
-    pa, sa, ya, ta, wa = prof, scale, y, thr, w
-    frozen = torch.zeros(len(act), dtype=torch.bool, device=w.device)
+    wa, free = w, None
     for _ in range(n_iter):
-        new = _newton_step(pa, sa, ya, wa, ta, table, bulk)
-        done = ((new - wa).abs().sum(1) <= min_change) & ~frozen
-        wa = torch.where(frozen[:, None], wa, new)
-        frozen |= done
-        if bool(frozen.all()):
-            break
-        if frozen.float().mean() > 0.33:
-            w[act] = wa
-            conv[act[frozen]] = True
-            keep = ~frozen
-            act, sa, ya, ta, wa = act[keep], sa[keep], ya[keep], ta[keep], wa[keep]
-            pa = pa if pa.dim() == 2 else pa[keep]
-            frozen = frozen[keep]
+        new, free = _newton_step(batch, wa, table, bulk, free)
+        done = (new - wa).abs().sum(1) <= min_change
+        wa = new
+        if bool(done.any()):
+            w[act[done]] = new[done]
+            conv[act[done]] = True
+            keep = ~done
+            if not bool(keep.any()):
+                return w, conv
+            act, wa, free, batch = act[keep], wa[keep], free[keep], batch.take(keep)
     w[act] = wa
-    conv[act[frozen]] = True
     return w, conv
 
 
@@ -264,17 +417,31 @@ def fit_weights(prof_t: torch.Tensor, y: torch.Tensor, numi: torch.Tensor, table
     """
     n_prob = y.shape[0] if spots is None else spots.shape[0]
     k = prof_t.shape[0] if types is None else types.shape[1]
-    weights = torch.full((n_prob, k), 1.0 / k, dtype=prof_t.dtype, device=prof_t.device)
+    dev = prof_t.device
+    weights = torch.full((n_prob, k), 1.0 / k, dtype=prof_t.dtype, device=dev)
     if w0 is not None:
         weights = w0.to(prof_t.dtype).clone()
-    conv = torch.zeros(n_prob, dtype=torch.bool, device=prof_t.device)
-    for start in range(0, n_prob, chunk):
-        idx = torch.arange(start, min(start + chunk, n_prob), device=prof_t.device)
+    conv = torch.zeros(n_prob, dtype=torch.bool, device=dev)
+    if n_prob == 0:
+        return weights, conv
+    pairs = None
+    if types is None and not bulk:
+        iu, ju = torch.triu_indices(prof_t.shape[0], prof_t.shape[0], device=dev)
+        pairs = (iu, ju, (prof_t[iu] * prof_t[ju]).T.contiguous())
+    if table is not None and not bulk:
+        table.planes()                                   # built once, before any worker reads it
+
+    def part(bounds):
+        idx = torch.arange(bounds[0], bounds[1], device=dev)
         sp_idx = idx if spots is None else spots[idx]
         prof = prof_t if types is None else prof_t[types[idx]]
         thr = torch.clamp(numi[sp_idx] * 1e-7, min=1e-4)
-        weights[idx], conv[idx] = _iterate(prof, numi[sp_idx], y[sp_idx], thr, weights[idx], table, bulk,
-                                           n_iter, min_change)
+        batch = _Batch(prof, numi[sp_idx], y[sp_idx], thr, None if bulk else table, pairs)
+        return _iterate(batch, weights[idx], table, bulk, n_iter, min_change)
+
+    jobs = parts(n_prob, chunk, dev)
+    for (lo, hi), (w, c) in zip(jobs, run_parallel(part, jobs, dev)):
+        weights[lo:hi], conv[lo:hi] = w, c
     return weights, conv
 
 
@@ -282,8 +449,10 @@ def scores(prof_t, y, numi, table, weights, *, types=None, spots=None) -> torch.
     """Negative log-likelihood of each problem at its weights (RCTD's score: no floor on the mean
     besides the table's range)."""
     sp_idx = torch.arange(y.shape[0], device=y.device) if spots is None else spots
-    prof = prof_t.expand(len(sp_idx), -1, -1) if types is None else prof_t[types]
-    lam = torch.bmm(weights[:, None, :], prof)[:, 0] * numi[sp_idx][:, None]
+    if types is None:
+        lam = (weights @ prof_t) * numi[sp_idx][:, None]
+    else:
+        lam = torch.bmm(weights[:, None, :], prof_t[types])[:, 0] * numi[sp_idx][:, None]
     return table.nll(y[sp_idx], lam).sum(1)
 
 
@@ -331,47 +500,87 @@ def platform_effect(profiles: np.ndarray, bulk: np.ndarray, total_umi: float, ge
     return w, profiles[:, genes] * (target / np.maximum(avg, 1e-300))[None, :]
 
 
-def _sigma_score(sigma, y, pred, device, rows):
-    tab = likelihood_table(float(sigma), device, rows)
-    return min(float(tab.nll(y, pred * m).sum()) for m in (0.8, 0.9, 1.0, 1.1, 1.2))
+class _SigmaProfile:
+    """The score of each candidate sigma at fixed fitted means: ``min over m in 0.8..1.2`` of the negative
+    log-likelihood of the counts at ``m * pred``. Tables of the counts' rows only (no derivatives); the grid
+    positions of the scaled means are computed once per set of means and reused for every sigma."""
+
+    MULTIPLIERS = (0.8, 0.9, 1.0, 1.1, 1.2)
+    MAX_CACHED = 1 << 23          # elements (5 x spots x genes) up to which the positions are kept
+
+    def __init__(self, y: torch.Tensor):
+        self.device = y.device
+        self.rows = torch.unique(y.clamp(0, K_MAX).long()).cpu().numpy()
+        self.off = count_offsets(y, row_offsets(self.rows, False).to(y.device))
+        self.pred = None
+        self.coef = None
+
+    def set_means(self, pred: torch.Tensor):
+        self.pred = pred
+        self.coef = None
+        if pred.numel() * len(self.MULTIPLIERS) <= self.MAX_CACHED:
+            self.coef = [self._at(pred * m) for m in self.MULTIPLIERS]
+
+    def _at(self, lam):
+        pos, c = grid_coef(lam)
+        return pos.add_(self.off).sub_(1), c
+
+    def __call__(self, sigma: float) -> float:
+        tab = likelihood_table(float(sigma), self.device, self.rows)
+
+        def one(i):
+            idx, c = self.coef[i] if self.coef is not None else self._at(self.pred * self.MULTIPLIERS[i])
+            return -float(_interp(tab.flat, idx, c).sum())
+
+        return min(run_parallel(one, list(range(len(self.MULTIPLIERS))), self.device))
 
 
 def _window_argmin(score, i0: int, lo: int, hi: int) -> int:
-    """Argmin of ``score`` over grid indices ``lo..hi`` by descent from ``i0`` (the score, a likelihood
-    profile in sigma, is unimodal in practice: this equals the window's argmin with far fewer tables)."""
-    cache = {i0: score(i0)}
+    """Argmin of ``score`` over grid indices ``lo..hi`` for a unimodal score (a likelihood profile in
+    sigma is, in practice): the downhill side of ``i0``, then its far end (RCTD's window is often
+    crossed in one epoch: two tables settle it), else a descent from ``i0``. Equals the window's argmin,
+    which RCTD computes from all 17 tables, whenever the profile is unimodal on the window."""
+    cache = {}
 
     def f(i):
         if i not in cache:
             cache[i] = score(i)
         return cache[i]
 
-    best = i0
-    for step in (-1, 1):
-        i = best
-        while lo <= i + step <= hi and f(i + step) < f(i):
+    for step, end in ((-1, lo), (1, hi)):
+        if i0 == end or f(i0 + step) >= f(i0):
+            continue
+        i = i0 + step
+        if abs(end - i) >= 2 and f(end) < f(end - step) and f(end) < f(i):
+            return end
+        while i != end and f(i + step) < f(i):
             i += step
-        if f(i) < f(best):
-            best = i
-    return best
+        return i
+    return i0
 
 
 def choose_sigma(prof_t: torch.Tensor, y: torch.Tensor, numi: torch.Tensor, *, n_epoch: int = 8,
-                 sigma0: float = 1.0, log=None) -> float:
+                 sigma0: float = 1.0, log=None, exhaustive: bool = False) -> float:
     """RCTD's choose_sigma_c on the spots given: fit the weights at the current sigma, then the sigma
     (of RCTD's grid, within 8 steps of the current one) whose likelihood of the counts at the fitted
-    means, scaled by the best of 0.8..1.2, is highest; repeat until it stays put. Each epoch's fit starts
-    from the previous epoch's weights (RCTD restarts from uniform weights: same optimum, fewer steps)."""
+    means, scaled by the best of 0.8..1.2, is highest; repeat until it stays put (at most ``n_epoch``
+    fits). Each epoch's fit starts from the previous epoch's weights (RCTD restarts from uniform weights:
+    same optimum, fewer steps). The window's argmin by :func:`_window_argmin` (a few tables per epoch);
+    ``exhaustive``: from all its tables, as RCTD does (the same sigma when the profile is unimodal)."""
     rows = needed_rows(y)
+    profile = _SigmaProfile(y)
     sigma = float(sigma0)
     w = None
     for _ in range(n_epoch):
         table = likelihood_table(sigma, prof_t.device, rows)
         w, _ = fit_weights(prof_t, y, numi, table, w0=w)
-        pred = ((w @ prof_t) * numi[:, None]).clamp_min(1e-4)
+        profile.set_means(((w @ prof_t) * numi[:, None]).clamp_min(1e-4))
         i0 = int(np.argmin(np.abs(SIGMA_GRID - sigma)))
         lo, hi = max(0, i0 - 8), min(len(SIGMA_GRID) - 1, i0 + 8)
-        best = _window_argmin(lambda i: _sigma_score(SIGMA_GRID[i], y, pred, prof_t.device, rows), i0, lo, hi)
+        if exhaustive:
+            best = min(range(lo, hi + 1), key=lambda i: profile(SIGMA_GRID[i]))
+        else:
+            best = _window_argmin(lambda i: profile(SIGMA_GRID[i]), i0, lo, hi)
         new = float(SIGMA_GRID[best])
         if log is not None:
             log(f"sigma {sigma:.2f} -> {new:.2f}")
