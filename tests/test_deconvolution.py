@@ -83,11 +83,16 @@ def test_likelihood_table_matches_the_integral():
         tab.nll(torch.tensor([5]), torch.tensor([1.0], dtype=torch.float64))
 
 
+def _random_qps(n: int, k: int, ridge: float, seed: int):
+    """``n`` positive definite problems of size ``k``: ``(D, b, generator)``."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, k, k, generator=g, dtype=torch.float64)
+    d = a @ a.transpose(1, 2) + ridge * torch.eye(k, dtype=torch.float64)
+    return d, torch.randn(n, k, generator=g, dtype=torch.float64), g
+
+
 def test_qp_nonneg_satisfies_kkt():
-    g = torch.Generator().manual_seed(0)
-    a = torch.randn(300, 9, 9, generator=g, dtype=torch.float64)
-    d = a @ a.transpose(1, 2) + 0.05 * torch.eye(9, dtype=torch.float64)
-    b = torch.randn(300, 9, generator=g, dtype=torch.float64)
+    d, b, _ = _random_qps(300, 9, 0.05, seed=0)
     x = qp_nonneg(d, b)
     grad = torch.einsum("bkl,bl->bk", d, x) - b
     assert float(x.min()) >= 0
@@ -121,10 +126,7 @@ def test_table_derivatives_match_the_interpolated_rows():
 
 
 def test_qp_nonneg_warm_start_finds_the_same_solution():
-    g = torch.Generator().manual_seed(2)
-    a = torch.randn(200, 12, 12, generator=g, dtype=torch.float64)
-    d = a @ a.transpose(1, 2) + 0.1 * torch.eye(12, dtype=torch.float64)
-    b = torch.randn(200, 12, generator=g, dtype=torch.float64)
+    d, b, g = _random_qps(200, 12, 0.1, seed=2)
     x = qp_nonneg(d, b)
     for guess in (x > 0, torch.rand(200, 12, generator=g) < 0.5, torch.zeros(200, 12, dtype=torch.bool)):
         assert torch.allclose(qp_nonneg(d, b, free0=guess), x, atol=1e-10)
