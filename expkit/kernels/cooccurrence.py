@@ -67,12 +67,15 @@ class BitTable:
         self.sentinel = t.size + 1       # bin n + 1: ask the exact path
         tb = t2.view(np.int32).astype(np.int64)
         self.top = int((tb[-1] + _MARGIN) >> _SHIFT) + 1   # buckets from here on: beyond every threshold
-        q = np.arange(self.top + 1, dtype=np.int64)
-        first = np.searchsorted(tb, (q << _SHIFT) - _MARGIN, side="left")
-        last = np.searchsorted(tb, ((q + 1) << _SHIFT) - 1 + _MARGIN, side="left")
+        # bucket q holds bin #{r: tb[r] + margin < q << SHIFT}: a step up at ((tb[r] + margin) >> SHIFT) + 1,
+        # and the sentinel where a threshold's margin overlaps it, q in [(tb - margin + 1) >> S, (tb + margin) >> S]
         dtype = np.int8 if self.sentinel < 127 else np.int16
-        tab = np.where(first == last, first, self.sentinel).astype(dtype)
-        tab[self.top] = self.n
+        steps = np.zeros(self.top + 2, dtype=dtype)
+        np.add.at(steps, ((tb + _MARGIN) >> _SHIFT) + 1, 1)
+        tab = np.cumsum(steps[:-1], dtype=dtype)
+        lo, hi = np.maximum((tb - _MARGIN + 1) >> _SHIFT, 0), (tb + _MARGIN) >> _SHIFT
+        amb = np.concatenate([np.arange(u, v + 1) for u, v in zip(lo, hi)])  # a bucket or two per threshold
+        tab[amb] = self.sentinel
         self.table = torch.as_tensor(tab, device=device)
 
     def coarse(self, d2: torch.Tensor) -> torch.Tensor:
